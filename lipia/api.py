@@ -1,0 +1,233 @@
+"""HTTP endpoints: thin, each calls one domain function. The contract is design.md §2."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import text
+
+from lipia.config import Settings
+from lipia.db import Database
+from lipia.errors import PaymentNotFound, error_body
+from lipia.inbox import MAX_STORED_BODY, CallbackInboxService
+from lipia.menu import Menu
+from lipia.orders import OrderCreate, OrderOut, create_order, get_order
+from lipia.payments import PaymentService, find_payment
+from lipia.redact import mask_phone
+from lipia.status import PaymentStatusResponse, public_outcome, status_response
+from lipia.background import BackgroundRunner
+
+logger = logging.getLogger("lipia.api")
+
+
+@dataclass
+class Services:
+    """Everything the endpoints need, built once by the app's lifespan."""
+
+    settings: Settings
+    db: Database
+    menu: Menu
+    payments: PaymentService
+    inbox: CallbackInboxService
+    runner: BackgroundRunner
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+router = APIRouter()
+
+
+# -- menu and orders -----------------------------------------------------------------------
+
+
+@router.get("/api/menu", response_model=Menu, tags=["menu"])
+async def read_menu(services: ServicesDep) -> Menu:
+    """The menu: categories and items with integer KES prices and availability."""
+    return services.menu
+
+
+@router.post("/api/orders", response_model=OrderOut, status_code=201, tags=["orders"])
+async def create_order_endpoint(body: OrderCreate, services: ServicesDep) -> OrderOut:
+    """Create an order; the total is computed on the server from the menu."""
+    async with services.db.write() as session:
+        order = await create_order(session, services.menu, body)
+        return OrderOut.model_validate(order)
+
+
+@router.get("/api/orders/{order_id}", response_model=OrderOut, tags=["orders"])
+async def read_order(order_id: str, services: ServicesDep) -> OrderOut:
+    """An order with its items, total and payment state."""
+    async with services.db.read() as session:
+        return OrderOut.model_validate(await get_order(session, order_id))
+
+
+# -- payments ------------------------------------------------------------------------------
+
+
+class InitiateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    phone: str = Field(max_length=32, examples=["0708374149"])
+    amount: Decimal = Field(description="Whole Kenyan shillings; must equal the order's total.", examples=[450])
+    order_id: str = Field(min_length=1, max_length=40)
+
+    @field_validator("amount")
+    @classmethod
+    def _whole_shillings(cls, value: Decimal) -> Decimal:
+        if not value.is_finite() or value != value.to_integral_value():
+            raise ValueError("amount must be a whole number of shillings")
+        if value < 1 or value > 250_000:
+            raise ValueError("amount must be between 1 and 250000 shillings")
+        return value
+
+
+class InitiateResponse(BaseModel):
+    CheckoutRequestID: str | None
+    MerchantRequestID: str | None
+    ResponseCode: str | None
+    ResponseDescription: str
+    CustomerMessage: str
+    checkout_request_id: str | None
+    payment_id: str
+    order_id: str
+    status: str
+    amount: int
+    phone: str = Field(description="Masked.")
+    message: str
+
+
+@router.post("/api/payments/mpesa/initiate", response_model=InitiateResponse, tags=["payments"])
+async def initiate_payment(body: InitiateRequest, services: ServicesDep) -> InitiateResponse:
+    """Send an M-Pesa STK Push for an order. A repeat while a push is live returns that payment."""
+    outcome = await services.payments.initiate(order_id=body.order_id, phone=body.phone, amount=int(body.amount))
+    payment = outcome.payment
+    accepted = payment.checkout_request_id is not None
+    description = "Success. Request accepted for processing" if accepted else "Request outcome unknown"
+    return InitiateResponse(
+        CheckoutRequestID=payment.checkout_request_id,
+        MerchantRequestID=payment.merchant_request_id,
+        ResponseCode="0" if accepted else None,
+        ResponseDescription=description,
+        CustomerMessage=outcome.customer_message,
+        checkout_request_id=payment.checkout_request_id,
+        payment_id=payment.id,
+        order_id=payment.order_id,
+        status=public_outcome(payment).status,
+        amount=payment.amount,
+        phone=mask_phone(payment.phone),
+        message=outcome.customer_message,
+    )
+
+
+class CallbackAck(BaseModel):
+    ResultCode: int = 0
+    ResultDesc: str = "Accepted"
+
+
+_CALLBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "example": {"Body": {"stkCallback": {
+            "MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_191220191020363925",
+            "ResultCode": 1032, "ResultDesc": "Request cancelled by user"}}}}}},
+    }
+}
+
+
+async def _read_limited(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body, cut at ``limit`` bytes; True if it was longer."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[: limit + 1], True
+    return b"".join(chunks), False
+
+
+async def _receive_callback(
+    request: Request, services: Services, background: BackgroundTasks, token: str | None
+) -> Any:
+    raw, too_large = await _read_limited(request, MAX_STORED_BODY)
+    stored = await services.inbox.store(
+        raw,
+        token=token,
+        client_ip=request.client.host if request.client else None,
+        content_type=request.headers.get("content-type"),
+    )
+    if too_large:
+        return JSONResponse(error_body("PayloadTooLarge", stored.error), status_code=413)
+    if stored.parsed is None:
+        return JSONResponse(error_body("InvalidCallback", stored.error), status_code=400)
+    # Acknowledge first, apply after the response is sent (the stored row survives a crash).
+    background.add_task(services.inbox.apply, stored.inbox_id)
+    return CallbackAck()
+
+
+@router.post(
+    "/api/payments/mpesa/callback/{token}",
+    response_model=CallbackAck,
+    tags=["payments"],
+    openapi_extra=_CALLBACK_BODY,
+    responses={400: {"description": "Not a Daraja callback (still stored)."}},
+)
+async def mpesa_callback_with_token(
+    token: str, request: Request, services: ServicesDep, background: BackgroundTasks
+) -> Any:
+    """Daraja's STK callback, addressed by the per-payment secret token lipia put in the CallBackURL."""
+    return await _receive_callback(request, services, background, token)
+
+
+@router.post(
+    "/api/payments/mpesa/callback",
+    response_model=CallbackAck,
+    tags=["payments"],
+    openapi_extra=_CALLBACK_BODY,
+    responses={400: {"description": "Not a Daraja callback (still stored)."}},
+)
+async def mpesa_callback(request: Request, services: ServicesDep, background: BackgroundTasks) -> Any:
+    """The seed's bare callback path (no token)."""
+    return await _receive_callback(request, services, background, None)
+
+
+@router.get("/api/payments/status/{payment_ref}", response_model=PaymentStatusResponse, tags=["payments"])
+async def payment_status(payment_ref: str, services: ServicesDep) -> PaymentStatusResponse:
+    """Status by CheckoutRequestID or lipia payment id, in the shape the frontend polls for."""
+    if len(payment_ref) > 80:
+        raise PaymentNotFound(payment_ref[:80] + "...")
+    async with services.db.read() as session:
+        payment = await find_payment(session, payment_ref)
+    if await services.payments.claim_stale_query(payment):
+        # Never make the poller wait on Daraja: the answer shows up on a later poll.
+        services.runner.spawn(services.payments.query_and_apply(payment.id, source="status_query"),
+                              name=f"status-query-{payment.id}")
+    response = status_response(payment)
+    logger.debug(
+        "STATUS CHECK",
+        extra={"payment_ref": payment_ref, "payment_id": payment.id, "status": response.status,
+               "result_code": response.ResultCode},
+    )
+    return response
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+@router.get("/health", tags=["operations"])
+async def health(services: ServicesDep) -> dict[str, str]:
+    """Liveness and database readiness."""
+    async with services.db.read() as session:
+        await session.execute(text("SELECT 1"))
+    return {"status": "ok", "database": "ok", "daraja_env": services.settings.daraja_env.value}

@@ -1,0 +1,152 @@
+"""The callback inbox: store the raw body first, acknowledge, then apply.
+
+A callback is stored exactly as received before anything else happens, so nothing Safaricom
+sends is ever lost: not a malformed body, not one for an unknown CheckoutRequestID, not one that
+arrives while lipia is busy. Applying reads the stored row, so a crash between acknowledging
+and applying is recovered by ``apply_pending`` at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from lipia.callbacks import ParsedCallback, parse_callback_bytes
+from lipia.db import Database
+from lipia.errors import InvalidCallback
+from lipia.models import CallbackInbox, CallbackStatus, Payment, utcnow
+from lipia.payments import hash_token
+from lipia.redact import mask_phone
+from lipia.settlement import Evidence, apply_evidence, record_event
+
+logger = logging.getLogger("lipia.callbacks")
+
+# Bodies larger than this are not Daraja callbacks (a real one is well under 1 KB); only this
+# much is kept for inspection.
+MAX_STORED_BODY = 16 * 1024
+
+
+@dataclass(frozen=True)
+class StoredCallback:
+    inbox_id: int
+    parsed: ParsedCallback | None
+    error: str | None
+
+
+class CallbackInboxService:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def store(
+        self, raw: bytes, *, token: str | None, client_ip: str | None, content_type: str | None
+    ) -> StoredCallback:
+        parsed: ParsedCallback | None = None
+        error: str | None = None
+        if len(raw) > MAX_STORED_BODY:
+            error = f"Callback body is larger than {MAX_STORED_BODY} bytes; not a Daraja callback."
+        else:
+            try:
+                parsed = parse_callback_bytes(raw)
+            except InvalidCallback as exc:
+                error = exc.detail
+        entry = CallbackInbox(
+            path="token" if token is not None else "bare",
+            token_hash=hash_token(token) if token is not None else None,
+            client_ip=client_ip,
+            content_type=(content_type or "")[:120] or None,
+            raw_body=raw[:MAX_STORED_BODY].decode("utf-8", errors="replace"),
+            checkout_request_id=parsed.checkout_request_id if parsed else None,
+            result_code=parsed.result_code if parsed else None,
+            status=CallbackStatus.RECEIVED if parsed else CallbackStatus.INVALID,
+            note=error,
+        )
+        async with self.db.write() as session:
+            session.add(entry)
+            await session.flush()
+            inbox_id = entry.id
+        logger.info(
+            "M-PESA CALLBACK RECEIVED",
+            extra={
+                "inbox_id": inbox_id,
+                "checkout_request_id": parsed.checkout_request_id if parsed else None,
+                "result_code": parsed.result_code if parsed else None,
+                "result_desc": parsed.result_desc if parsed else None,
+                "phone": mask_phone(parsed.phone) if parsed and parsed.phone else None,
+                "path": entry.path,
+                "client_ip": client_ip,
+                "valid": parsed is not None,
+                "error": error,
+            },
+        )
+        return StoredCallback(inbox_id, parsed, error)
+
+    async def apply(self, inbox_id: int) -> CallbackStatus:
+        async with self.db.write() as session:
+            entry = await session.get(CallbackInbox, inbox_id)
+            if entry is None or entry.status is not CallbackStatus.RECEIVED:
+                return entry.status if entry else CallbackStatus.INVALID
+            parsed = parse_callback_bytes(entry.raw_body.encode("utf-8"))
+            payment, problem = await self._match(session, entry, parsed)
+            entry.processed_at = utcnow()
+            if payment is None:
+                entry.status = CallbackStatus.ORPHAN if problem is None else CallbackStatus.REJECTED
+                entry.note = problem or "no payment with this CheckoutRequestID"
+                logger.warning(
+                    "callback not applied",
+                    extra={"inbox_id": inbox_id, "checkout_request_id": parsed.checkout_request_id,
+                           "status": entry.status.value, "reason": entry.note},
+                )
+                return entry.status
+            entry.payment_id = payment.id
+            record_event(session, payment, kind="callback", source=entry.path,
+                         detail={"inbox_id": inbox_id, "result_code": parsed.result_code})
+            if payment.checkout_request_id is None:
+                # The callback beat the push response; its token proved which payment it is.
+                payment.checkout_request_id = parsed.checkout_request_id
+                await session.flush()
+            evidence = Evidence(
+                source="callback",
+                result_code=parsed.result_code,
+                result_desc=parsed.result_desc,
+                receipt=parsed.receipt,
+                amount=parsed.amount,
+                phone=parsed.phone,
+                transaction_date=parsed.transaction_date,
+            )
+            before = payment.state
+            await apply_evidence(session, payment, evidence)
+            entry.status = CallbackStatus.APPLIED if payment.state is not before else CallbackStatus.DUPLICATE
+            return entry.status
+
+    async def _match(
+        self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback
+    ) -> tuple[Payment | None, str | None]:
+        """The payment this callback is about, or (None, why not)."""
+        if entry.token_hash is not None:
+            payment = await session.scalar(select(Payment).where(Payment.callback_token_hash == entry.token_hash))
+            if payment is None:
+                return None, "callback token matches no payment"
+            if payment.checkout_request_id not in (None, parsed.checkout_request_id):
+                return None, "CheckoutRequestID does not belong to the payment this token was issued for"
+            return payment, None
+        payment = await session.scalar(
+            select(Payment).where(Payment.checkout_request_id == parsed.checkout_request_id)
+        )
+        return payment, None
+
+    async def apply_pending(self) -> int:
+        """Apply every stored callback that was acknowledged but not yet applied (crash recovery)."""
+        async with self.db.read() as session:
+            ids = list(
+                await session.scalars(
+                    select(CallbackInbox.id)
+                    .where(CallbackInbox.status == CallbackStatus.RECEIVED)
+                    .order_by(CallbackInbox.id)
+                )
+            )
+        for inbox_id in ids:
+            await self.apply(inbox_id)
+        return len(ids)

@@ -1,0 +1,270 @@
+"""The payment rules: initiate an STK Push, take in callbacks, query Daraja when a payment is stale.
+
+Initiation runs in atomic phases (reliability.md R1/R2): the payment row with its callback token
+is committed *before* the push is sent, and no transaction is held open across the HTTP call.
+A push that ends ambiguously is never re-sent; the payment goes to ``UNKNOWN`` and its
+token-addressed callback (or the reconciler) settles it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from lipia import daraja
+from lipia.config import Settings
+from lipia.db import Database
+from lipia.errors import (
+    AmountMismatch,
+    OrderAlreadyPaid,
+    OrderNotFound,
+    PaymentInFlight,
+    PaymentNotFound,
+    PaymentProviderError,
+)
+from lipia.models import LIVE_STATES, Order, OrderStatus, Payment, PaymentState, utcnow
+from lipia.phone import normalize_phone
+from lipia.redact import mask_phone
+from lipia.settlement import Evidence, apply_evidence, record_event, transition
+
+logger = logging.getLogger("lipia.payments")
+
+_REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_payment_id() -> str:
+    return "pay_" + secrets.token_hex(8)
+
+
+def new_account_reference() -> str:
+    # Shown to the customer in the prompt and on the receipt SMS; Daraja allows 12 characters.
+    return "LP" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(10))
+
+
+@dataclass(frozen=True)
+class InitiateOutcome:
+    payment: Payment
+    # False when an existing live push was returned instead of sending a new one.
+    pushed: bool
+    customer_message: str
+
+
+async def find_payment(session: AsyncSession, ref: str) -> Payment:
+    """A payment by its CheckoutRequestID or by lipia's own payment id."""
+    payment = await session.scalar(
+        select(Payment).where(or_(Payment.checkout_request_id == ref, Payment.id == ref))
+    )
+    if payment is None:
+        raise PaymentNotFound(ref)
+    return payment
+
+
+async def _live_payment(session: AsyncSession, order_id: str) -> Payment | None:
+    return await session.scalar(
+        select(Payment).where(Payment.order_id == order_id, Payment.state.in_(LIVE_STATES))
+    )
+
+
+class PaymentService:
+    def __init__(self, db: Database, client: daraja.DarajaClient, settings: Settings) -> None:
+        self.db = db
+        self.client = client
+        self.settings = settings
+
+    # -- initiate -------------------------------------------------------------------------
+
+    async def initiate(self, *, order_id: str, phone: str, amount: int) -> InitiateOutcome:
+        msisdn = normalize_phone(phone)
+        token = secrets.token_urlsafe(32)
+        payment, created = await self._create_payment(order_id=order_id, msisdn=msisdn, amount=amount, token=token)
+        if not created:
+            return InitiateOutcome(payment, pushed=False, customer_message=_live_message(payment))
+        return await self._push(payment, token)
+
+    async def _create_payment(
+        self, *, order_id: str, msisdn: str, amount: int, token: str
+    ) -> tuple[Payment, bool]:
+        """Phase 1: validate against the order and commit the INITIATING row (or find the live one)."""
+        for _ in range(2):
+            try:
+                async with self.db.write() as session:
+                    order = await session.get(Order, order_id)
+                    if order is None:
+                        raise OrderNotFound(order_id)
+                    if order.status is OrderStatus.PAID:
+                        raise OrderAlreadyPaid(f"Order {order_id} is already paid.")
+                    if amount != order.total:
+                        raise AmountMismatch(
+                            f"Amount KES {amount} does not match order {order_id}'s total of KES {order.total}."
+                        )
+                    live = await _live_payment(session, order_id)
+                    if live is not None:
+                        if live.phone != msisdn:
+                            raise PaymentInFlight(
+                                f"An M-Pesa prompt for order {order_id} is already waiting on "
+                                f"{mask_phone(live.phone)}; wait for it to finish before paying from another number."
+                            )
+                        return live, False
+                    payment = Payment(
+                        id=new_payment_id(),
+                        order_id=order_id,
+                        state=PaymentState.INITIATING,
+                        amount=amount,
+                        currency=order.currency,
+                        phone=msisdn,
+                        callback_token_hash=hash_token(token),
+                        account_reference=new_account_reference(),
+                    )
+                    session.add(payment)
+                    await session.flush()
+                    record_event(session, payment, kind="created", source="initiate", to_state=PaymentState.INITIATING,
+                                 detail={"amount": amount, "phone": mask_phone(msisdn)})
+                return payment, True
+            except IntegrityError:
+                # Another request created the order's live payment between our read and insert;
+                # the unique index refused ours. Loop once to return theirs.
+                continue
+        raise PaymentInFlight(f"Another payment for order {order_id} is being started; try again.")
+
+    async def _push(self, payment: Payment, token: str) -> InitiateOutcome:
+        payment_id = payment.id
+        try:
+            accepted = await self.client.stk_push(
+                phone=payment.phone,
+                amount=payment.amount,
+                callback_url=self.settings.callback_url(token),
+                account_reference=payment.account_reference,
+                description="Order payment",
+                transaction_type=self.settings.transaction_type,
+                party_b=self.settings.party_b,
+            )
+        except daraja.DarajaAmbiguous as exc:
+            payment = await self._settle_push_error(payment_id, PaymentState.UNKNOWN, exc)
+            return InitiateOutcome(payment, pushed=True, customer_message=(
+                "We could not confirm the M-Pesa prompt was sent. If it appears on your phone, "
+                "enter your PIN; do not pay twice. This page will update on its own."
+            ))
+        except daraja.DarajaError as exc:
+            await self._settle_push_error(payment_id, PaymentState.FAILED, exc)
+            raise _provider_error(exc) from exc
+
+        async with self.db.write() as session:
+            payment = await session.get(Payment, payment_id)
+            assert payment is not None
+            values = {
+                "checkout_request_id": accepted.checkout_request_id,
+                "merchant_request_id": accepted.merchant_request_id,
+                "pushed_at": utcnow(),
+            }
+            detail = {"checkout_request_id": accepted.checkout_request_id,
+                      "merchant_request_id": accepted.merchant_request_id}
+            if payment.state is PaymentState.INITIATING:
+                await transition(session, payment, PaymentState.PENDING, source="initiate", values=values, detail=detail)
+            else:
+                # The callback beat the push response (it found the payment by its token).
+                payment.merchant_request_id = payment.merchant_request_id or accepted.merchant_request_id
+                payment.pushed_at = payment.pushed_at or values["pushed_at"]
+                record_event(session, payment, kind="push_accepted", source="initiate", detail=detail)
+        return InitiateOutcome(payment, pushed=True, customer_message=accepted.customer_message)
+
+    async def _settle_push_error(
+        self, payment_id: str, state: PaymentState, exc: daraja.DarajaError
+    ) -> Payment:
+        async with self.db.write() as session:
+            payment = await session.get(Payment, payment_id)
+            assert payment is not None
+            detail = {"error": type(exc).__name__, "error_code": exc.error_code, "http_status": exc.http_status}
+            if payment.state is PaymentState.INITIATING:
+                values = {"result_code": exc.error_code, "result_desc": _safe_message(exc)} if state is PaymentState.FAILED else {}
+                await transition(session, payment, state, source="initiate", values=values, detail=detail)
+            else:
+                record_event(session, payment, kind="push_error", source="initiate", detail=detail)
+            logger.warning(
+                "stk push failed",
+                extra={"payment_id": payment_id, "error": type(exc).__name__, "error_code": exc.error_code,
+                       "phone": mask_phone(payment.phone)},
+            )
+            return payment
+
+    # -- status-triggered query -------------------------------------------------------------
+
+    async def claim_stale_query(self, payment: Payment) -> bool:
+        """Claim the one shared STK Query for a stale pending payment (at most one per interval)."""
+        if payment.state is not PaymentState.PENDING or payment.checkout_request_id is None:
+            return False
+        now = utcnow()
+        pushed_at = payment.pushed_at or payment.created_at
+        if now - pushed_at < timedelta(seconds=self.settings.status_query_after_seconds):
+            return False
+        if payment.next_query_at is not None and payment.next_query_at > now:
+            return False
+        next_at = now + timedelta(seconds=self.settings.status_query_min_interval_seconds)
+        async with self.db.write() as session:
+            result = await session.execute(
+                update(Payment)
+                .where(
+                    Payment.id == payment.id,
+                    Payment.state == PaymentState.PENDING,
+                    or_(Payment.next_query_at.is_(None), Payment.next_query_at <= now),
+                )
+                .values(next_query_at=next_at, query_count=Payment.query_count + 1)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def query_and_apply(self, payment_id: str, *, source: str = "query") -> None:
+        async with self.db.read() as session:
+            payment = await session.get(Payment, payment_id)
+        if payment is None or payment.checkout_request_id is None:
+            return
+        try:
+            result = await self.client.stk_query(payment.checkout_request_id)
+        except daraja.DarajaError as exc:
+            logger.info("stk query failed", extra={"payment_id": payment_id, "error": type(exc).__name__,
+                                                   "error_code": exc.error_code})
+            return
+        async with self.db.write() as session:
+            payment = await session.get(Payment, payment_id)
+            assert payment is not None
+            detail = {"state": result.state, "result_code": result.result_code, "result_desc": result.result_desc}
+            record_event(session, payment, kind="query", source=source, detail=detail)
+            if result.state != "final" or result.result_code is None:
+                return
+            evidence = Evidence(source=source, result_code=result.result_code, result_desc=result.result_desc or "")
+            await apply_evidence(session, payment, evidence)
+
+
+def _live_message(payment: Payment) -> str:
+    return "An M-Pesa prompt for this order is already on its way; enter your PIN on your phone."
+
+
+def _safe_message(exc: daraja.DarajaError) -> str:
+    return (exc.error_message or type(exc).__name__)[:400]
+
+
+def _provider_error(exc: daraja.DarajaError) -> PaymentProviderError:
+    if isinstance(exc, daraja.DarajaSubscriberLocked):
+        return PaymentProviderError(
+            "This phone already has an M-Pesa prompt open. Finish or cancel it, wait a minute, and try again.",
+            status_code=409,
+        )
+    if isinstance(exc, daraja.DarajaBusy | daraja.DarajaUnavailable):
+        return PaymentProviderError(
+            "M-Pesa is busy or unreachable right now; no prompt was sent. Try again shortly.", status_code=503,
+            headers={"Retry-After": "30"},
+        )
+    if isinstance(exc, daraja.DarajaRejected):
+        return PaymentProviderError(f"M-Pesa refused the payment request ({exc.error_message}); no prompt was sent.")
+    return PaymentProviderError("The M-Pesa integration is misconfigured; no prompt was sent. Ask staff to check lipia's logs.")

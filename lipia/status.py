@@ -1,0 +1,151 @@
+"""The status JSON the frontend polls (design.md §2.1; the seed's sections 2, 3, 4 and 8).
+
+The frontend reads ``status``, ``ResultCode``, ``result_code``, ``payment_status``,
+``data.status``, ``data.ResultCode``, ``data.result_code`` in that order and knows only a few
+values. So ``status`` is always one it knows (``pending`` or a final ``completed``, ``failed``,
+``cancelled``, ``insufficient_funds``), the finer reason goes in ``reason``, and every mirrored
+field says the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from lipia.models import Payment, PaymentState
+from lipia.redact import mask_phone
+
+PublicStatus = Literal["pending", "completed", "failed", "cancelled", "insufficient_funds"]
+
+_REASON_BY_CODE = {
+    "1037": "timeout",
+    "1036": "timeout",
+    "2001": "wrong_pin",
+    "1019": "expired",
+    "2": "limit",
+    "3": "limit",
+    "4": "limit",
+    "8": "limit",
+    "17": "limit",
+}
+
+_MESSAGES = {
+    "pending": "Check your phone and enter your M-Pesa PIN to pay.",
+    "completed": "Payment received. Thank you!",
+    "insufficient_funds": "Your M-Pesa balance is too low for this payment.",
+    "cancelled": "You cancelled the M-Pesa prompt. You can try again.",
+    "timeout": "The M-Pesa prompt was not answered in time. You can try again.",
+    "wrong_pin": "The M-Pesa PIN was wrong. You can try again.",
+    "expired": "The M-Pesa prompt expired before it was answered. You can try again.",
+    "limit": "M-Pesa declined the payment because of a transaction limit.",
+    "needs_review": "We could not confirm this payment automatically. Please do not pay again; "
+    "our staff will check it.",
+    "failed": "The payment did not go through. You can try again.",
+}
+
+
+@dataclass(frozen=True)
+class PublicOutcome:
+    status: PublicStatus
+    reason: str | None
+    result_code: str | None
+
+
+def public_outcome(payment: Payment) -> PublicOutcome:
+    state = payment.state
+    code = payment.result_code
+    if state in (PaymentState.INITIATING, PaymentState.PENDING, PaymentState.UNKNOWN):
+        return PublicOutcome("pending", None, None)
+    if state is PaymentState.COMPLETED:
+        return PublicOutcome("completed", None, "0")
+    if state is PaymentState.INSUFFICIENT_FUNDS:
+        return PublicOutcome("insufficient_funds", None, code or "1")
+    if state is PaymentState.CANCELLED:
+        return PublicOutcome("cancelled", None, code or "1032")
+    if state is PaymentState.EXPIRED:
+        # Inferred by us, not reported by Daraja: there is no Daraja code to show.
+        return PublicOutcome("failed", "expired", None)
+    if state is PaymentState.NEEDS_REVIEW:
+        # Never "0" next to a non-success status: no field may contradict another.
+        return PublicOutcome("failed", "needs_review", None)
+    reason = _REASON_BY_CODE.get(code or "", code or "failed")
+    return PublicOutcome("failed", reason, code)
+
+
+class StatusData(BaseModel):
+    status: PublicStatus
+    ResultCode: str | None
+    result_code: str | None
+
+
+class PaymentSummary(BaseModel):
+    id: str
+    status: PublicStatus
+    amount: int
+    currency: str
+    mpesa_receipt_number: str | None
+    phone: str = Field(description="Masked, e.g. 2547****678.")
+    order_id: str
+    checkout_request_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class PaymentStatusResponse(BaseModel):
+    status: PublicStatus
+    payment_status: PublicStatus
+    final: bool
+    reason: str | None
+    message: str
+    ResultCode: str | None
+    result_code: str | None
+    ResultDesc: str | None
+    CheckoutRequestID: str | None
+    checkout_request_id: str | None
+    payment_id: str
+    order_id: str
+    amount: int
+    currency: str
+    mpesa_receipt_number: str | None
+    data: StatusData
+    payment: PaymentSummary
+
+
+def status_response(payment: Payment) -> PaymentStatusResponse:
+    outcome = public_outcome(payment)
+    final = outcome.status != "pending"
+    message = _MESSAGES.get(outcome.reason or outcome.status, _MESSAGES["failed"])
+    receipt = payment.mpesa_receipt_number if outcome.status == "completed" else None
+    return PaymentStatusResponse(
+        status=outcome.status,
+        payment_status=outcome.status,
+        final=final,
+        reason=outcome.reason,
+        message=message,
+        ResultCode=outcome.result_code,
+        result_code=outcome.result_code,
+        ResultDesc=payment.result_desc if final and outcome.result_code is not None else None,
+        CheckoutRequestID=payment.checkout_request_id,
+        checkout_request_id=payment.checkout_request_id,
+        payment_id=payment.id,
+        order_id=payment.order_id,
+        amount=payment.amount,
+        currency=payment.currency,
+        mpesa_receipt_number=receipt,
+        data=StatusData(status=outcome.status, ResultCode=outcome.result_code, result_code=outcome.result_code),
+        payment=PaymentSummary(
+            id=payment.id,
+            status=outcome.status,
+            amount=payment.amount,
+            currency=payment.currency,
+            mpesa_receipt_number=receipt,
+            phone=mask_phone(payment.phone),
+            order_id=payment.order_id,
+            checkout_request_id=payment.checkout_request_id,
+            created_at=payment.created_at,
+            updated_at=payment.updated_at,
+        ),
+    )
