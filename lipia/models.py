@@ -124,7 +124,9 @@ class Order(Base):
     __tablename__ = "orders"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    status: Mapped[OrderStatus] = mapped_column(enum_column(OrderStatus), default=OrderStatus.AWAITING_PAYMENT)
+    status: Mapped[OrderStatus] = mapped_column(
+        enum_column(OrderStatus), default=OrderStatus.AWAITING_PAYMENT
+    )
     total: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3), default="KES")
     customer_name: Mapped[str | None] = mapped_column(String(80))
@@ -164,7 +166,16 @@ class Payment(Base):
             sqlite_where=text("state IN ('INITIATING', 'PENDING', 'UNKNOWN')"),
             postgresql_where=text("state IN ('INITIATING', 'PENDING', 'UNKNOWN')"),
         ),
+        # ...and at most one per phone: a second prompt would only meet Daraja's subscriber lock.
+        Index(
+            "uq_payments_live_phone",
+            "phone",
+            unique=True,
+            sqlite_where=text("state IN ('INITIATING', 'PENDING', 'UNKNOWN')"),
+            postgresql_where=text("state IN ('INITIATING', 'PENDING', 'UNKNOWN')"),
+        ),
         Index("ix_payments_state", "state"),
+        Index("ix_payments_due", "state", "next_query_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -196,6 +207,10 @@ class Payment(Base):
     # The poll path's shared STK Query: the next moment any poller may trigger one.
     next_query_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     query_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Reconciler lease: the instance working on this payment now, and until when (database leases,
+    # so several reconcilers never query the same payment in the same round).
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def is_live(self) -> bool:
@@ -215,6 +230,22 @@ class PaymentEvent(Base):
     from_state: Mapped[str | None] = mapped_column(String(20))
     to_state: Mapped[str | None] = mapped_column(String(20))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key for one operation: its request fingerprint and stored answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # "in_flight" while the first request runs, "completed" once its response is stored.
+    status: Mapped[str] = mapped_column(String(20))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class CallbackStatus(StrEnum):
@@ -240,7 +271,9 @@ class CallbackInbox(Base):
     raw_body: Mapped[str] = mapped_column(Text)
     checkout_request_id: Mapped[str | None] = mapped_column(String(80), index=True)
     result_code: Mapped[str | None] = mapped_column(String(40))
-    status: Mapped[CallbackStatus] = mapped_column(enum_column(CallbackStatus), default=CallbackStatus.RECEIVED)
+    status: Mapped[CallbackStatus] = mapped_column(
+        enum_column(CallbackStatus), default=CallbackStatus.RECEIVED
+    )
     payment_id: Mapped[str | None] = mapped_column(String(40))
     note: Mapped[str | None] = mapped_column(String(400))
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

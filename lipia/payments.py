@@ -77,6 +77,57 @@ async def _live_payment(session: AsyncSession, order_id: str) -> Payment | None:
     )
 
 
+async def _open_payment(
+    session: AsyncSession, *, order_id: str, msisdn: str, amount: int, token: str
+) -> tuple[Payment, bool]:
+    order = await session.get(Order, order_id)
+    if order is None:
+        raise OrderNotFound(order_id)
+    if order.status is OrderStatus.PAID:
+        raise OrderAlreadyPaid(f"Order {order_id} is already paid.")
+    if amount != order.total:
+        raise AmountMismatch(
+            f"Amount KES {amount} does not match order {order_id}'s total of KES {order.total}."
+        )
+    live = await _live_payment(session, order_id)
+    if live is not None:
+        if live.phone != msisdn:
+            raise PaymentInFlight(
+                f"An M-Pesa prompt for order {order_id} is already waiting on {mask_phone(live.phone)}; "
+                "wait for it to finish before paying from another number."
+            )
+        return live, False
+    busy_phone = await session.scalar(
+        select(Payment.order_id).where(Payment.phone == msisdn, Payment.state.in_(LIVE_STATES))
+    )
+    if busy_phone is not None:
+        raise PaymentInFlight(
+            f"{mask_phone(msisdn)} already has an M-Pesa prompt waiting for another order; "
+            "finish or cancel it first."
+        )
+    payment = Payment(
+        id=new_payment_id(),
+        order_id=order_id,
+        state=PaymentState.INITIATING,
+        amount=amount,
+        currency=order.currency,
+        phone=msisdn,
+        callback_token_hash=hash_token(token),
+        account_reference=new_account_reference(),
+    )
+    session.add(payment)
+    await session.flush()
+    record_event(
+        session,
+        payment,
+        kind="created",
+        source="initiate",
+        to_state=PaymentState.INITIATING,
+        detail={"amount": amount, "phone": mask_phone(msisdn)},
+    )
+    return payment, True
+
+
 class PaymentService:
     def __init__(self, db: Database, client: daraja.DarajaClient, settings: Settings) -> None:
         self.db = db
@@ -88,7 +139,9 @@ class PaymentService:
     async def initiate(self, *, order_id: str, phone: str, amount: int) -> InitiateOutcome:
         msisdn = normalize_phone(phone)
         token = secrets.token_urlsafe(32)
-        payment, created = await self._create_payment(order_id=order_id, msisdn=msisdn, amount=amount, token=token)
+        payment, created = await self._create_payment(
+            order_id=order_id, msisdn=msisdn, amount=amount, token=token
+        )
         if not created:
             return InitiateOutcome(payment, pushed=False, customer_message=_live_message(payment))
         return await self._push(payment, token)
@@ -96,45 +149,16 @@ class PaymentService:
     async def _create_payment(
         self, *, order_id: str, msisdn: str, amount: int, token: str
     ) -> tuple[Payment, bool]:
-        """Phase 1: validate against the order and commit the INITIATING row (or find the live one)."""
+        """Phase 1: commit the INITIATING row, or find the order's live payment (then False)."""
         for _ in range(2):
             try:
                 async with self.db.write() as session:
-                    order = await session.get(Order, order_id)
-                    if order is None:
-                        raise OrderNotFound(order_id)
-                    if order.status is OrderStatus.PAID:
-                        raise OrderAlreadyPaid(f"Order {order_id} is already paid.")
-                    if amount != order.total:
-                        raise AmountMismatch(
-                            f"Amount KES {amount} does not match order {order_id}'s total of KES {order.total}."
-                        )
-                    live = await _live_payment(session, order_id)
-                    if live is not None:
-                        if live.phone != msisdn:
-                            raise PaymentInFlight(
-                                f"An M-Pesa prompt for order {order_id} is already waiting on "
-                                f"{mask_phone(live.phone)}; wait for it to finish before paying from another number."
-                            )
-                        return live, False
-                    payment = Payment(
-                        id=new_payment_id(),
-                        order_id=order_id,
-                        state=PaymentState.INITIATING,
-                        amount=amount,
-                        currency=order.currency,
-                        phone=msisdn,
-                        callback_token_hash=hash_token(token),
-                        account_reference=new_account_reference(),
+                    return await _open_payment(
+                        session, order_id=order_id, msisdn=msisdn, amount=amount, token=token
                     )
-                    session.add(payment)
-                    await session.flush()
-                    record_event(session, payment, kind="created", source="initiate", to_state=PaymentState.INITIATING,
-                                 detail={"amount": amount, "phone": mask_phone(msisdn)})
-                return payment, True
             except IntegrityError:
                 # Another request created the order's live payment between our read and insert;
-                # the unique index refused ours. Loop once to return theirs.
+                # the unique index refused ours. Go round once more to return theirs.
                 continue
         raise PaymentInFlight(f"Another payment for order {order_id} is being started; try again.")
 
@@ -152,30 +176,40 @@ class PaymentService:
             )
         except daraja.DarajaAmbiguous as exc:
             payment = await self._settle_push_error(payment_id, PaymentState.UNKNOWN, exc)
-            return InitiateOutcome(payment, pushed=True, customer_message=(
-                "We could not confirm the M-Pesa prompt was sent. If it appears on your phone, "
-                "enter your PIN; do not pay twice. This page will update on its own."
-            ))
+            return InitiateOutcome(
+                payment,
+                pushed=True,
+                customer_message=(
+                    "We could not confirm the M-Pesa prompt was sent. If it appears on your phone, "
+                    "enter your PIN; do not pay twice. This page will update on its own."
+                ),
+            )
         except daraja.DarajaError as exc:
             await self._settle_push_error(payment_id, PaymentState.FAILED, exc)
             raise _provider_error(exc) from exc
 
         async with self.db.write() as session:
-            payment = await session.get(Payment, payment_id)
-            assert payment is not None
-            values = {
+            current = await session.get(Payment, payment_id)
+            assert current is not None
+            payment = current
+            pushed_at = utcnow()
+            values: dict[str, object] = {
                 "checkout_request_id": accepted.checkout_request_id,
                 "merchant_request_id": accepted.merchant_request_id,
-                "pushed_at": utcnow(),
+                "pushed_at": pushed_at,
             }
-            detail = {"checkout_request_id": accepted.checkout_request_id,
-                      "merchant_request_id": accepted.merchant_request_id}
+            detail = {
+                "checkout_request_id": accepted.checkout_request_id,
+                "merchant_request_id": accepted.merchant_request_id,
+            }
             if payment.state is PaymentState.INITIATING:
-                await transition(session, payment, PaymentState.PENDING, source="initiate", values=values, detail=detail)
+                await transition(
+                    session, payment, PaymentState.PENDING, source="initiate", values=values, detail=detail
+                )
             else:
                 # The callback beat the push response (it found the payment by its token).
                 payment.merchant_request_id = payment.merchant_request_id or accepted.merchant_request_id
-                payment.pushed_at = payment.pushed_at or values["pushed_at"]
+                payment.pushed_at = payment.pushed_at or pushed_at
                 record_event(session, payment, kind="push_accepted", source="initiate", detail=detail)
         return InitiateOutcome(payment, pushed=True, customer_message=accepted.customer_message)
 
@@ -185,16 +219,28 @@ class PaymentService:
         async with self.db.write() as session:
             payment = await session.get(Payment, payment_id)
             assert payment is not None
-            detail = {"error": type(exc).__name__, "error_code": exc.error_code, "http_status": exc.http_status}
+            detail = {
+                "error": type(exc).__name__,
+                "error_code": exc.error_code,
+                "http_status": exc.http_status,
+            }
             if payment.state is PaymentState.INITIATING:
-                values = {"result_code": exc.error_code, "result_desc": _safe_message(exc)} if state is PaymentState.FAILED else {}
+                values = (
+                    {"result_code": exc.error_code, "result_desc": _safe_message(exc)}
+                    if state is PaymentState.FAILED
+                    else {}
+                )
                 await transition(session, payment, state, source="initiate", values=values, detail=detail)
             else:
                 record_event(session, payment, kind="push_error", source="initiate", detail=detail)
             logger.warning(
                 "stk push failed",
-                extra={"payment_id": payment_id, "error": type(exc).__name__, "error_code": exc.error_code,
-                       "phone": mask_phone(payment.phone)},
+                extra={
+                    "payment_id": payment_id,
+                    "error": type(exc).__name__,
+                    "error_code": exc.error_code,
+                    "phone": mask_phone(payment.phone),
+                },
             )
             return payment
 
@@ -232,17 +278,25 @@ class PaymentService:
         try:
             result = await self.client.stk_query(payment.checkout_request_id)
         except daraja.DarajaError as exc:
-            logger.info("stk query failed", extra={"payment_id": payment_id, "error": type(exc).__name__,
-                                                   "error_code": exc.error_code})
+            logger.info(
+                "stk query failed",
+                extra={"payment_id": payment_id, "error": type(exc).__name__, "error_code": exc.error_code},
+            )
             return
         async with self.db.write() as session:
             payment = await session.get(Payment, payment_id)
             assert payment is not None
-            detail = {"state": result.state, "result_code": result.result_code, "result_desc": result.result_desc}
+            detail = {
+                "state": result.state,
+                "result_code": result.result_code,
+                "result_desc": result.result_desc,
+            }
             record_event(session, payment, kind="query", source=source, detail=detail)
             if result.state != "final" or result.result_code is None:
                 return
-            evidence = Evidence(source=source, result_code=result.result_code, result_desc=result.result_desc or "")
+            evidence = Evidence(
+                source=source, result_code=result.result_code, result_desc=result.result_desc or ""
+            )
             await apply_evidence(session, payment, evidence)
 
 
@@ -257,14 +311,20 @@ def _safe_message(exc: daraja.DarajaError) -> str:
 def _provider_error(exc: daraja.DarajaError) -> PaymentProviderError:
     if isinstance(exc, daraja.DarajaSubscriberLocked):
         return PaymentProviderError(
-            "This phone already has an M-Pesa prompt open. Finish or cancel it, wait a minute, and try again.",
+            "This phone already has an M-Pesa prompt open. "
+            "Finish or cancel it, wait a minute, and try again.",
             status_code=409,
         )
     if isinstance(exc, daraja.DarajaBusy | daraja.DarajaUnavailable):
         return PaymentProviderError(
-            "M-Pesa is busy or unreachable right now; no prompt was sent. Try again shortly.", status_code=503,
+            "M-Pesa is busy or unreachable right now; no prompt was sent. Try again shortly.",
+            status_code=503,
             headers={"Retry-After": "30"},
         )
     if isinstance(exc, daraja.DarajaRejected):
-        return PaymentProviderError(f"M-Pesa refused the payment request ({exc.error_message}); no prompt was sent.")
-    return PaymentProviderError("The M-Pesa integration is misconfigured; no prompt was sent. Ask staff to check lipia's logs.")
+        return PaymentProviderError(
+            f"M-Pesa refused the payment request ({exc.error_message}); no prompt was sent."
+        )
+    return PaymentProviderError(
+        "The M-Pesa integration is misconfigured; no prompt was sent. Ask staff to check lipia's logs."
+    )
