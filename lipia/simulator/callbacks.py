@@ -1,0 +1,105 @@
+"""The STK callback: Daraja's envelope (reference/daraja.md §5) POSTed over real HTTP.
+
+Delivered at most as often as asked: a failed delivery is recorded, never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import httpx
+
+from .ids import nairobi_now
+from .ledger import CallbackAttempt, Ledger, Push
+
+logger = logging.getLogger("lipia.simulator")
+
+
+def callback_body(push: Push) -> dict[str, Any]:
+    """The exact body Daraja sends: numbers stay numbers, and failures carry no CallbackMetadata."""
+    callback: dict[str, Any] = {
+        "MerchantRequestID": push.merchant_request_id,
+        "CheckoutRequestID": push.checkout_request_id,
+        "ResultCode": push.outcome.result_code,
+        "ResultDesc": push.outcome.callback_desc,
+    }
+    if push.outcome.paid:
+        callback["CallbackMetadata"] = {
+            "Item": [
+                {"Name": "Amount", "Value": float(push.amount)},
+                {"Name": "MpesaReceiptNumber", "Value": push.receipt},
+                {"Name": "Balance"},
+                {"Name": "TransactionDate", "Value": push.transaction_date},
+                {"Name": "PhoneNumber", "Value": int(push.phone)},
+            ]
+        }
+    return {"Body": {"stkCallback": callback}}
+
+
+class CallbackSender:
+    """POSTs callbacks with one lazily created HTTP client (no lifespan needed)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        shortcode: str,
+        timeout_seconds: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self._headers = {
+            "Content-Type": "application/json;charset=UTF-8",
+            "BusinessShortCode": shortcode,
+        }
+        self._timeout = timeout_seconds
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(
+                transport=self._transport, timeout=self._timeout, follow_redirects=False
+            )
+        return self._client
+
+    async def deliver(self, push: Push, copies: int = 1) -> None:
+        """POST the callback `copies` times at once; each attempt lands in the ledger."""
+        body = callback_body(push)
+        content = json.dumps(body, separators=(",", ":")).encode()
+        await asyncio.gather(*(self._post(push, body, content) for _ in range(copies)))
+
+    async def _post(self, push: Push, body: dict[str, Any], content: bytes) -> None:
+        sent_at = nairobi_now()
+        status_code: int | None = None
+        error: str | None = None
+        try:
+            response = await self._http().post(push.callback_url, content=content, headers=self._headers)
+            status_code = response.status_code
+        except Exception as exc:  # any failure to deliver is a fact to record, not a crash
+            error = f"{type(exc).__name__}: {exc}"
+        self._ledger.record_callback(
+            CallbackAttempt(
+                checkout_request_id=push.checkout_request_id,
+                url=push.callback_url,
+                body=body,
+                sent_at=sent_at,
+                completed_at=nairobi_now(),
+                status_code=status_code,
+                error=error,
+            )
+        )
+        logger.info(
+            "callback %s result=%s -> %s",
+            push.checkout_request_id,
+            push.outcome.result_code,
+            status_code if error is None else error,
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
