@@ -12,16 +12,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import text
 
+from lipia import idempotency
+from lipia.background import BackgroundRunner
 from lipia.config import Settings
 from lipia.db import Database
-from lipia.errors import PaymentNotFound, error_body
+from lipia.errors import CallbackSourceRefused, PaymentNotFound, error_body
 from lipia.inbox import MAX_STORED_BODY, CallbackInboxService
 from lipia.menu import Menu
 from lipia.orders import OrderCreate, OrderOut, create_order, get_order
 from lipia.payments import PaymentService, find_payment
 from lipia.redact import mask_phone
+from lipia.security import CallbackSourceCheck, Network, client_ip
 from lipia.status import PaymentStatusResponse, public_outcome, status_response
-from lipia.background import BackgroundRunner
 
 logger = logging.getLogger("lipia.api")
 
@@ -36,6 +38,11 @@ class Services:
     payments: PaymentService
     inbox: CallbackInboxService
     runner: BackgroundRunner
+    trusted_proxies: tuple[Network, ...] = ()
+    callback_sources: CallbackSourceCheck | None = None
+
+    def client_ip(self, request: Request) -> str | None:
+        return client_ip(request, self.trusted_proxies)
 
 
 def get_services(request: Request) -> Services:
@@ -79,7 +86,9 @@ class InitiateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     phone: str = Field(max_length=32, examples=["0708374149"])
-    amount: Decimal = Field(description="Whole Kenyan shillings; must equal the order's total.", examples=[450])
+    amount: Decimal = Field(
+        description="Whole Kenyan shillings; must equal the order's total.", examples=[450]
+    )
     order_id: str = Field(min_length=1, max_length=40)
 
     @field_validator("amount")
@@ -107,10 +116,35 @@ class InitiateResponse(BaseModel):
     message: str
 
 
-@router.post("/api/payments/mpesa/initiate", response_model=InitiateResponse, tags=["payments"])
-async def initiate_payment(body: InitiateRequest, services: ServicesDep) -> InitiateResponse:
-    """Send an M-Pesa STK Push for an order. A repeat while a push is live returns that payment."""
-    outcome = await services.payments.initiate(order_id=body.order_id, phone=body.phone, amount=int(body.amount))
+@router.post(
+    "/api/payments/mpesa/initiate",
+    response_model=InitiateResponse,
+    tags=["payments"],
+    responses=idempotency.RESPONSES,
+)
+async def initiate_payment(
+    body: InitiateRequest, services: ServicesDep, idempotency_key: idempotency.IdempotencyKeyHeader = None
+) -> InitiateResponse | JSONResponse:
+    """Send an M-Pesa STK Push for an order. A repeat while a push is live returns that payment.
+
+    With an `Idempotency-Key`, a retry with the same body gets the first answer back (status and
+    body, header `Idempotent-Replayed: true`) for 72 hours; see lipia/idempotency.py.
+    """
+    if idempotency_key is None:
+        return await _initiate(body, services)
+    return await idempotency.idempotent(
+        services.db,
+        scope=idempotency.SCOPE_INITIATE,
+        key=idempotency_key,
+        request=idempotency.initiate_request(order_id=body.order_id, phone=body.phone, amount=body.amount),
+        run=lambda: _initiate(body, services),
+    )
+
+
+async def _initiate(body: InitiateRequest, services: Services) -> InitiateResponse:
+    outcome = await services.payments.initiate(
+        order_id=body.order_id, phone=body.phone, amount=int(body.amount)
+    )
     payment = outcome.payment
     accepted = payment.checkout_request_id is not None
     description = "Success. Request accepted for processing" if accepted else "Request outcome unknown"
@@ -138,9 +172,23 @@ class CallbackAck(BaseModel):
 _CALLBACK_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {"type": "object", "example": {"Body": {"stkCallback": {
-            "MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_191220191020363925",
-            "ResultCode": 1032, "ResultDesc": "Request cancelled by user"}}}}}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "example": {
+                        "Body": {
+                            "stkCallback": {
+                                "MerchantRequestID": "29115-34620561-1",
+                                "CheckoutRequestID": "ws_CO_191220191020363925",
+                                "ResultCode": 1032,
+                                "ResultDesc": "Request cancelled by user",
+                            }
+                        }
+                    },
+                }
+            }
+        },
     }
 }
 
@@ -161,14 +209,20 @@ async def _receive_callback(
     request: Request, services: Services, background: BackgroundTasks, token: str | None
 ) -> Any:
     raw, too_large = await _read_limited(request, MAX_STORED_BODY)
+    source_ip = services.client_ip(request)
+    source_allowed = services.callback_sources is None or services.callback_sources.allows(source_ip)
     stored = await services.inbox.store(
         raw,
         token=token,
-        client_ip=request.client.host if request.client else None,
+        client_ip=source_ip,
         content_type=request.headers.get("content-type"),
+        refused=None if source_allowed else "source address is not on the Safaricom callback list",
     )
     if too_large:
         return JSONResponse(error_body("PayloadTooLarge", stored.error), status_code=413)
+    if not source_allowed:
+        # Stored for inspection, never applied.
+        raise CallbackSourceRefused("Callbacks are accepted only from Safaricom's addresses.")
     if stored.parsed is None:
         return JSONResponse(error_body("InvalidCallback", stored.error), status_code=400)
     # Acknowledge first, apply after the response is sent (the stored row survives a crash).
@@ -181,7 +235,11 @@ async def _receive_callback(
     response_model=CallbackAck,
     tags=["payments"],
     openapi_extra=_CALLBACK_BODY,
-    responses={400: {"description": "Not a Daraja callback (still stored)."}},
+    responses={
+        400: {"description": "Not a Daraja callback (still stored)."},
+        403: {"description": "Source address refused by the callback allowlist (still stored)."},
+        413: {"description": "Body too large (the first 16 KiB are stored)."},
+    },
 )
 async def mpesa_callback_with_token(
     token: str, request: Request, services: ServicesDep, background: BackgroundTasks
@@ -195,7 +253,11 @@ async def mpesa_callback_with_token(
     response_model=CallbackAck,
     tags=["payments"],
     openapi_extra=_CALLBACK_BODY,
-    responses={400: {"description": "Not a Daraja callback (still stored)."}},
+    responses={
+        400: {"description": "Not a Daraja callback (still stored)."},
+        403: {"description": "Source address refused by the callback allowlist (still stored)."},
+        413: {"description": "Body too large (the first 16 KiB are stored)."},
+    },
 )
 async def mpesa_callback(request: Request, services: ServicesDep, background: BackgroundTasks) -> Any:
     """The seed's bare callback path (no token)."""
@@ -211,13 +273,19 @@ async def payment_status(payment_ref: str, services: ServicesDep) -> PaymentStat
         payment = await find_payment(session, payment_ref)
     if await services.payments.claim_stale_query(payment):
         # Never make the poller wait on Daraja: the answer shows up on a later poll.
-        services.runner.spawn(services.payments.query_and_apply(payment.id, source="status_query"),
-                              name=f"status-query-{payment.id}")
+        services.runner.spawn(
+            services.payments.query_and_apply(payment.id, source="status_query"),
+            name=f"status-query-{payment.id}",
+        )
     response = status_response(payment)
     logger.debug(
         "STATUS CHECK",
-        extra={"payment_ref": payment_ref, "payment_id": payment.id, "status": response.status,
-               "result_code": response.ResultCode},
+        extra={
+            "payment_ref": payment_ref,
+            "payment_id": payment.id,
+            "status": response.status,
+            "result_code": response.ResultCode,
+        },
     )
     return response
 

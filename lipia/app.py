@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
-from lipia import __version__
+from lipia import __version__, admin
 from lipia.api import Services, router
 from lipia.background import BackgroundRunner
 from lipia.config import SIMULATOR_MOUNT, Settings
@@ -20,6 +21,8 @@ from lipia.errors import install_error_handlers
 from lipia.inbox import CallbackInboxService
 from lipia.menu import load_menu
 from lipia.payments import PaymentService
+from lipia.reconciler import Reconciler
+from lipia.security import BodySizeLimit, CallbackSourceCheck, SecurityHeaders, parse_networks
 from lipia.simulator import SimulatorConfig, create_simulator
 
 logger = logging.getLogger("lipia.app")
@@ -44,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # In simulator mode (and with no explicit Daraja URL) the simulator runs inside this process:
     # lipia reaches it through an in-process transport, and it calls back over real HTTP.
     simulator = build_simulator(settings) if settings.is_simulator and not settings.daraja_base_url else None
+    # Parsed up front so a bad address in the configuration stops start-up, not a request.
+    trusted_proxies = parse_networks(settings.trusted_proxies)
+    allowed_callback_ips = parse_networks(settings.callback_allowed_ips)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,21 +69,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             passkey=settings.passkey.get_secret_value(),
         )
         runner = BackgroundRunner()
-        inbox = CallbackInboxService(db)
+        payments = PaymentService(db, client, settings)
+        inbox = CallbackInboxService(
+            db,
+            confirm=lambda payment_id: payments.query_and_apply(payment_id, source="confirmation"),
+            confirm_by_query=settings.confirms_by_query,
+        )
         app.state.services = Services(
             settings=settings,
             db=db,
             menu=menu,
-            payments=PaymentService(db, client, settings),
+            payments=payments,
             inbox=inbox,
             runner=runner,
+            trusted_proxies=trusted_proxies,
+            callback_sources=CallbackSourceCheck(settings.callback_source_policy, allowed_callback_ips),
         )
         recovered = await inbox.apply_pending()
         if recovered:
             logger.info("applied callbacks stored before a restart", extra={"count": recovered})
+        reconciler = Reconciler(db, payments, settings, inbox=inbox) if settings.reconciler_enabled else None
+        if reconciler is not None:
+            reconciler.start()
         try:
             yield
         finally:
+            # First: it uses the Daraja client and the database closed below.
+            if reconciler is not None:
+                await reconciler.aclose()
             await runner.aclose()
             if simulator is not None:
                 await simulator.state.simulator.aclose()  # type: ignore[attr-defined]
@@ -91,7 +110,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    callback_prefix = "/api/payments/mpesa/callback"
+    # Outermost last: security headers wrap everything, including the errors below them.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, exempt_prefixes=(callback_prefix,))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Idempotency-Key", "Authorization"],
+            allow_credentials=False,
+        )
+    app.add_middleware(SecurityHeaders, hsts=settings.base_url.startswith("https://"))
     app.include_router(router)
+    app.include_router(admin.router)
     if simulator is not None:
         app.mount(SIMULATOR_MOUNT, simulator)
     app.state.settings = settings

@@ -8,7 +8,10 @@
     ├── OrderAlreadyPaid (409)
     ├── PaymentInFlight (409)
     ├── InvalidCallback (400)
+    ├── InvalidIdempotencyKey (400), IdempotencyKeyReused (422), IdempotencyKeyInFlight (409)
     ├── Unauthorized (401)
+    ├── CallbackSourceRefused (403)
+    ├── TooManyRequests (429, Retry-After)
     └── PaymentProviderError (502 / 503)
 
 Bad input is always a 4xx with a clear message, never a 500. Request-validation errors keep
@@ -85,6 +88,35 @@ class Unauthorized(LipiaError):
     status_code = 401
 
 
+class InvalidIdempotencyKey(LipiaError):
+    status_code = 400
+
+
+class IdempotencyKeyReused(LipiaError):
+    """The key was already used for a request with a different body (IETF draft: 422)."""
+
+    status_code = 422
+
+
+class IdempotencyKeyInFlight(LipiaError):
+    """The first request with this key is still running; nothing was done or stored."""
+
+    status_code = 409
+
+
+class TooManyRequests(LipiaError):
+    """A push-spam limit was hit; ``Retry-After`` says when the next push is allowed."""
+
+    status_code = 429
+
+    def __init__(self, detail: str, *, retry_after_seconds: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_seconds))})
+
+
+class CallbackSourceRefused(LipiaError):
+    status_code = 403
+
+
 class PaymentProviderError(LipiaError):
     """Daraja refused or could not be reached; the message says whether the customer was prompted."""
 
@@ -106,7 +138,9 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LipiaError)
     async def _lipia_error(_request: Request, exc: LipiaError) -> JSONResponse:
-        return JSONResponse(error_body(exc.error, exc.detail), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(exc.error, exc.detail), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

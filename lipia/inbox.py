@@ -9,6 +9,7 @@ and applying is recovered by ``apply_pending`` at start-up.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -17,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from lipia.callbacks import ParsedCallback, parse_callback_bytes
 from lipia.db import Database
 from lipia.errors import InvalidCallback
-from lipia.models import CallbackInbox, CallbackStatus, Payment, utcnow
+from lipia.models import LIVE_STATES, CallbackInbox, CallbackStatus, Payment, PaymentState, utcnow
 from lipia.payments import hash_token
 from lipia.redact import mask_phone
-from lipia.settlement import Evidence, apply_evidence, record_event
+from lipia.settlement import apply_evidence, evidence_from_callback, record_event
 
 logger = logging.getLogger("lipia.callbacks")
 
@@ -36,13 +37,38 @@ class StoredCallback:
     error: str | None
 
 
+def _initial_status(refused: str | None) -> CallbackStatus:
+    return CallbackStatus.RECEIVED if refused is None else CallbackStatus.REJECTED
+
+
 class CallbackInboxService:
-    def __init__(self, db: Database) -> None:
+    """Stores and applies callbacks.
+
+    ``confirm(payment_id)`` runs the STK Query that confirms a reported success (and settles a
+    bare-path hint); ``confirm_by_query`` says whether a token-path success must wait for it.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        confirm: Callable[[str], Awaitable[None]] | None = None,
+        confirm_by_query: bool = False,
+    ) -> None:
         self.db = db
+        self.confirm = confirm
+        self.confirm_by_query = confirm_by_query
 
     async def store(
-        self, raw: bytes, *, token: str | None, client_ip: str | None, content_type: str | None
+        self,
+        raw: bytes,
+        *,
+        token: str | None,
+        client_ip: str | None,
+        content_type: str | None,
+        refused: str | None = None,
     ) -> StoredCallback:
+        """Store the body as received. ``refused`` (a reason) stores it without ever applying it."""
         parsed: ParsedCallback | None = None
         error: str | None = None
         if len(raw) > MAX_STORED_BODY:
@@ -60,8 +86,8 @@ class CallbackInboxService:
             raw_body=raw[:MAX_STORED_BODY].decode("utf-8", errors="replace"),
             checkout_request_id=parsed.checkout_request_id if parsed else None,
             result_code=parsed.result_code if parsed else None,
-            status=CallbackStatus.RECEIVED if parsed else CallbackStatus.INVALID,
-            note=error,
+            status=CallbackStatus.INVALID if parsed is None else _initial_status(refused),
+            note=error or refused,
         )
         async with self.db.write() as session:
             session.add(entry)
@@ -84,10 +110,17 @@ class CallbackInboxService:
         return StoredCallback(inbox_id, parsed, error)
 
     async def apply(self, inbox_id: int) -> CallbackStatus:
+        """Apply one stored callback; a success that needs confirming triggers the STK Query."""
+        status, confirm_payment_id = await self._apply_stored(inbox_id)
+        if confirm_payment_id is not None and self.confirm is not None:
+            await self.confirm(confirm_payment_id)
+        return status
+
+    async def _apply_stored(self, inbox_id: int) -> tuple[CallbackStatus, str | None]:
         async with self.db.write() as session:
             entry = await session.get(CallbackInbox, inbox_id)
             if entry is None or entry.status is not CallbackStatus.RECEIVED:
-                return entry.status if entry else CallbackStatus.INVALID
+                return (entry.status if entry else CallbackStatus.INVALID), None
             parsed = parse_callback_bytes(entry.raw_body.encode("utf-8"))
             payment, problem = await self._match(session, entry, parsed)
             entry.processed_at = utcnow()
@@ -96,37 +129,56 @@ class CallbackInboxService:
                 entry.note = problem or "no payment with this CheckoutRequestID"
                 logger.warning(
                     "callback not applied",
-                    extra={"inbox_id": inbox_id, "checkout_request_id": parsed.checkout_request_id,
-                           "status": entry.status.value, "reason": entry.note},
+                    extra={
+                        "inbox_id": inbox_id,
+                        "checkout_request_id": parsed.checkout_request_id,
+                        "status": entry.status.value,
+                        "reason": entry.note,
+                    },
                 )
-                return entry.status
+                return entry.status, None
             entry.payment_id = payment.id
-            record_event(session, payment, kind="callback", source=entry.path,
-                         detail={"inbox_id": inbox_id, "result_code": parsed.result_code})
+            record_event(
+                session,
+                payment,
+                kind="callback",
+                source=entry.path,
+                detail={"inbox_id": inbox_id, "result_code": parsed.result_code},
+            )
             if payment.checkout_request_id is None:
                 # The callback beat the push response; its token proved which payment it is.
                 payment.checkout_request_id = parsed.checkout_request_id
                 await session.flush()
-            evidence = Evidence(
-                source="callback",
-                result_code=parsed.result_code,
-                result_desc=parsed.result_desc,
-                receipt=parsed.receipt,
-                amount=parsed.amount,
-                phone=parsed.phone,
-                transaction_date=parsed.transaction_date,
-            )
+
+            if entry.path == "bare":
+                # Anyone can POST to the bare path: it is only a hint that we should ask Daraja.
+                entry.status = CallbackStatus.HINT
+                return entry.status, self._request_confirmation(payment)
+            if parsed.is_success and self.confirm_by_query and payment.state is not PaymentState.COMPLETED:
+                entry.status = CallbackStatus.AWAITING_CONFIRMATION
+                return entry.status, self._request_confirmation(payment)
+
             before = payment.state
-            await apply_evidence(session, payment, evidence)
+            await apply_evidence(session, payment, evidence_from_callback(parsed, source="callback"))
             entry.status = CallbackStatus.APPLIED if payment.state is not before else CallbackStatus.DUPLICATE
-            return entry.status
+            return entry.status, None
+
+    @staticmethod
+    def _request_confirmation(payment: Payment) -> str | None:
+        if payment.state in LIVE_STATES or payment.state is PaymentState.EXPIRED:
+            payment.confirmation_requested_at = utcnow()
+            payment.next_query_at = payment.confirmation_requested_at
+            return payment.id
+        return None
 
     async def _match(
         self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback
     ) -> tuple[Payment | None, str | None]:
         """The payment this callback is about, or (None, why not)."""
         if entry.token_hash is not None:
-            payment = await session.scalar(select(Payment).where(Payment.callback_token_hash == entry.token_hash))
+            payment = await session.scalar(
+                select(Payment).where(Payment.callback_token_hash == entry.token_hash)
+            )
             if payment is None:
                 return None, "callback token matches no payment"
             if payment.checkout_request_id not in (None, parsed.checkout_request_id):

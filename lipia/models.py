@@ -46,7 +46,7 @@ class Base(DeclarativeBase):
 
 def enum_column(enum: type[StrEnum]) -> SAEnum:
     """Store a StrEnum by its value as VARCHAR (no native enum: the same on SQLite and PostgreSQL)."""
-    return SAEnum(enum, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e])
+    return SAEnum(enum, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
 
 
 class PaymentState(StrEnum):
@@ -207,6 +207,10 @@ class Payment(Base):
     # The poll path's shared STK Query: the next moment any poller may trigger one.
     next_query_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     query_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The address that asked for this push (per-IP push limits).
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    # Set while a reported success waits for STK Query confirmation (cleared when settled).
+    confirmation_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Reconciler lease: the instance working on this payment now, and until when (database leases,
     # so several reconcilers never query the same payment in the same round).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
@@ -254,7 +258,9 @@ class CallbackStatus(StrEnum):
     DUPLICATE = "duplicate"
     ORPHAN = "orphan"  # no payment matches
     INVALID = "invalid"  # not a Daraja callback
-    REJECTED = "rejected"  # authentication failed (token mismatch)
+    REJECTED = "rejected"  # authentication failed (token mismatch, source address refused)
+    HINT = "hint"  # bare-path callback: never applied itself, only triggers a query
+    AWAITING_CONFIRMATION = "awaiting_confirmation"  # a success waiting for STK Query to agree
 
 
 class CallbackInbox(Base):

@@ -8,6 +8,7 @@ token-addressed callback (or the reconciler) settles it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -20,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lipia import daraja
+from lipia.callbacks import parse_callback_bytes
 from lipia.config import Settings
 from lipia.db import Database
 from lipia.errors import (
@@ -29,15 +31,34 @@ from lipia.errors import (
     PaymentInFlight,
     PaymentNotFound,
     PaymentProviderError,
+    TooManyRequests,
 )
-from lipia.models import LIVE_STATES, Order, OrderStatus, Payment, PaymentState, utcnow
+from lipia.models import (
+    LIVE_STATES,
+    CallbackInbox,
+    CallbackStatus,
+    Order,
+    OrderStatus,
+    Payment,
+    PaymentState,
+    utcnow,
+)
 from lipia.phone import normalize_phone
 from lipia.redact import mask_phone
-from lipia.settlement import Evidence, apply_evidence, record_event, transition
+from lipia.settlement import (
+    Evidence,
+    apply_evidence,
+    evidence_from_callback,
+    record_event,
+    send_to_review,
+    transition,
+)
 
 logger = logging.getLogger("lipia.payments")
 
 _REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
+# States in which an STK Query can still change the outcome and we hold a CheckoutRequestID.
+_QUERYABLE = (PaymentState.PENDING, PaymentState.UNKNOWN)
 
 
 def hash_token(token: str) -> str:
@@ -77,8 +98,50 @@ async def _live_payment(session: AsyncSession, order_id: str) -> Payment | None:
     )
 
 
+@dataclass(frozen=True)
+class PushLimits:
+    """Push-spam limits (reliability.md M7): pushes per phone and per client IP in a window."""
+
+    per_phone: int
+    per_ip: int
+    window: timedelta
+
+
+async def _check_push_limits(
+    session: AsyncSession, *, msisdn: str, client_ip: str | None, limits: PushLimits
+) -> None:
+    # Counted in the database, so every instance shares the same limits.
+    since = utcnow() - limits.window
+    checks = [(Payment.phone == msisdn, limits.per_phone, f"phone {mask_phone(msisdn)}")]
+    if client_ip:
+        checks.append((Payment.client_ip == client_ip, limits.per_ip, "your address"))
+    for condition, limit, subject in checks:
+        recent = list(
+            await session.scalars(
+                select(Payment.created_at)
+                .where(condition, Payment.created_at >= since)
+                .order_by(Payment.created_at.desc())
+                .limit(limit)
+            )
+        )
+        if len(recent) >= limit:
+            retry_after = (recent[-1] + limits.window - utcnow()).total_seconds()
+            raise TooManyRequests(
+                f"Too many M-Pesa prompts for {subject}: at most {limit} every "
+                f"{int(limits.window.total_seconds() // 60)} minutes. Try again later.",
+                retry_after_seconds=int(retry_after) + 1,
+            )
+
+
 async def _open_payment(
-    session: AsyncSession, *, order_id: str, msisdn: str, amount: int, token: str
+    session: AsyncSession,
+    *,
+    order_id: str,
+    msisdn: str,
+    amount: int,
+    token: str,
+    client_ip: str | None,
+    limits: PushLimits,
 ) -> tuple[Payment, bool]:
     order = await session.get(Order, order_id)
     if order is None:
@@ -105,6 +168,7 @@ async def _open_payment(
             f"{mask_phone(msisdn)} already has an M-Pesa prompt waiting for another order; "
             "finish or cancel it first."
         )
+    await _check_push_limits(session, msisdn=msisdn, client_ip=client_ip, limits=limits)
     payment = Payment(
         id=new_payment_id(),
         order_id=order_id,
@@ -114,6 +178,7 @@ async def _open_payment(
         phone=msisdn,
         callback_token_hash=hash_token(token),
         account_reference=new_account_reference(),
+        client_ip=client_ip,
     )
     session.add(payment)
     await session.flush()
@@ -136,25 +201,63 @@ class PaymentService:
 
     # -- initiate -------------------------------------------------------------------------
 
-    async def initiate(self, *, order_id: str, phone: str, amount: int) -> InitiateOutcome:
+    async def initiate(
+        self, *, order_id: str, phone: str, amount: int, client_ip: str | None = None
+    ) -> InitiateOutcome:
         msisdn = normalize_phone(phone)
         token = secrets.token_urlsafe(32)
+        limits = PushLimits(
+            per_phone=self.settings.push_limit_per_phone,
+            per_ip=self.settings.push_limit_per_ip,
+            window=timedelta(seconds=self.settings.push_limit_window_seconds),
+        )
         payment, created = await self._create_payment(
-            order_id=order_id, msisdn=msisdn, amount=amount, token=token
+            order_id=order_id, msisdn=msisdn, amount=amount, token=token, client_ip=client_ip, limits=limits
         )
         if not created:
+            if payment.state is PaymentState.INITIATING:
+                payment = await self._await_push_answer(payment.id)
             return InitiateOutcome(payment, pushed=False, customer_message=_live_message(payment))
         return await self._push(payment, token)
 
+    async def _await_push_answer(self, payment_id: str) -> Payment:
+        """A repeat that arrives while the first push is still on the wire waits for its answer, so
+        every caller gets the same CheckoutRequestID instead of an empty one."""
+        deadline = asyncio.get_running_loop().time() + self.settings.daraja_timeout_seconds + 1
+        while True:
+            async with self.db.read() as session:
+                payment = await session.get(Payment, payment_id)
+            assert payment is not None
+            if payment.state is not PaymentState.INITIATING:
+                return payment
+            if asyncio.get_running_loop().time() > deadline:
+                raise PaymentInFlight(
+                    "The M-Pesa prompt for this order is still being sent; try again shortly."
+                )
+            await asyncio.sleep(0.05)
+
     async def _create_payment(
-        self, *, order_id: str, msisdn: str, amount: int, token: str
+        self,
+        *,
+        order_id: str,
+        msisdn: str,
+        amount: int,
+        token: str,
+        client_ip: str | None,
+        limits: PushLimits,
     ) -> tuple[Payment, bool]:
         """Phase 1: commit the INITIATING row, or find the order's live payment (then False)."""
         for _ in range(2):
             try:
                 async with self.db.write() as session:
                     return await _open_payment(
-                        session, order_id=order_id, msisdn=msisdn, amount=amount, token=token
+                        session,
+                        order_id=order_id,
+                        msisdn=msisdn,
+                        amount=amount,
+                        token=token,
+                        client_ip=client_ip,
+                        limits=limits,
                     )
             except IntegrityError:
                 # Another request created the order's live payment between our read and insert;
@@ -247,12 +350,17 @@ class PaymentService:
     # -- status-triggered query -------------------------------------------------------------
 
     async def claim_stale_query(self, payment: Payment) -> bool:
-        """Claim the one shared STK Query for a stale pending payment (at most one per interval)."""
-        if payment.state is not PaymentState.PENDING or payment.checkout_request_id is None:
+        """Claim the one shared STK Query for a stale pending payment (at most one per interval).
+
+        Stale means: pending past ``status_query_after_seconds``, or holding a reported success
+        that waits for confirmation.
+        """
+        if payment.state not in _QUERYABLE or payment.checkout_request_id is None:
             return False
         now = utcnow()
         pushed_at = payment.pushed_at or payment.created_at
-        if now - pushed_at < timedelta(seconds=self.settings.status_query_after_seconds):
+        young = now - pushed_at < timedelta(seconds=self.settings.status_query_after_seconds)
+        if young and payment.confirmation_requested_at is None:
             return False
         if payment.next_query_at is not None and payment.next_query_at > now:
             return False
@@ -262,7 +370,7 @@ class PaymentService:
                 update(Payment)
                 .where(
                     Payment.id == payment.id,
-                    Payment.state == PaymentState.PENDING,
+                    Payment.state.in_(_QUERYABLE),
                     or_(Payment.next_query_at.is_(None), Payment.next_query_at <= now),
                 )
                 .values(next_query_at=next_at, query_count=Payment.query_count + 1)
@@ -271,6 +379,12 @@ class PaymentService:
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def query_and_apply(self, payment_id: str, *, source: str = "query") -> None:
+        """Ask Daraja for the outcome and apply a final answer.
+
+        A success reported by a token-addressed callback and waiting for confirmation is applied
+        with the callback's receipt, amount and phone once the query agrees; if the query says
+        the payment failed, the contradiction goes to review.
+        """
         async with self.db.read() as session:
             payment = await session.get(Payment, payment_id)
         if payment is None or payment.checkout_request_id is None:
@@ -294,10 +408,40 @@ class PaymentService:
             record_event(session, payment, kind="query", source=source, detail=detail)
             if result.state != "final" or result.result_code is None:
                 return
-            evidence = Evidence(
-                source=source, result_code=result.result_code, result_desc=result.result_desc or ""
+            await _apply_query_answer(session, payment, result, source=source)
+
+
+async def _apply_query_answer(
+    session: AsyncSession, payment: Payment, result: daraja.StkQueryResult, *, source: str
+) -> None:
+    assert result.result_code is not None
+    awaiting = list(
+        await session.scalars(
+            select(CallbackInbox)
+            .where(
+                CallbackInbox.payment_id == payment.id,
+                CallbackInbox.status == CallbackStatus.AWAITING_CONFIRMATION,
             )
-            await apply_evidence(session, payment, evidence)
+            .order_by(CallbackInbox.id.desc())
+        )
+    )
+    query_evidence = Evidence(
+        source=source, result_code=result.result_code, result_desc=result.result_desc or ""
+    )
+    if not awaiting:
+        await apply_evidence(session, payment, query_evidence)
+    elif result.result_code == "0":
+        reported = parse_callback_bytes(awaiting[0].raw_body.encode("utf-8"))
+        await apply_evidence(session, payment, evidence_from_callback(reported, source=f"callback+{source}"))
+    else:
+        reason = f"callback reported success but STK Query says {result.result_code}"
+        await send_to_review(session, payment, query_evidence, reason)
+    now = utcnow()
+    for entry in awaiting:
+        entry.status = CallbackStatus.APPLIED
+        entry.note = f"confirmed by STK Query: ResultCode {result.result_code}"
+        entry.processed_at = now
+    payment.confirmation_requested_at = None
 
 
 def _live_message(payment: Payment) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from lipia.callbacks import ParsedCallback
 from lipia.models import (
     FINAL_FAILURE_STATES,
     LIVE_STATES,
@@ -72,6 +73,18 @@ class Evidence:
         }
 
 
+def evidence_from_callback(parsed: ParsedCallback, *, source: str) -> Evidence:
+    return Evidence(
+        source=source,
+        result_code=parsed.result_code,
+        result_desc=parsed.result_desc,
+        receipt=parsed.receipt,
+        amount=parsed.amount,
+        phone=parsed.phone,
+        transaction_date=parsed.transaction_date,
+    )
+
+
 def record_event(
     session: AsyncSession,
     payment: Payment,
@@ -121,7 +134,13 @@ async def transition(
         return False
     await session.refresh(payment)
     record_event(
-        session, payment, kind="transition", source=source, from_state=old_state, to_state=new_state, detail=detail
+        session,
+        payment,
+        kind="transition",
+        source=source,
+        from_state=old_state,
+        to_state=new_state,
+        detail=detail,
     )
     logger.info(
         "payment status changed",
@@ -170,10 +189,13 @@ async def _mark_order_paid(session: AsyncSession, payment: Payment) -> bool:
     return paid_by == payment.id
 
 
-async def _review(session: AsyncSession, payment: Payment, evidence: Evidence, reason: str) -> bool:
+async def send_to_review(session: AsyncSession, payment: Payment, evidence: Evidence, reason: str) -> bool:
+    """Move ``payment`` to NEEDS_REVIEW, keeping the evidence and the reason on its timeline."""
     values: dict[str, Any] = {"review_reason": reason}
     detail = {**evidence.detail(), "review_reason": reason}
-    return await transition(session, payment, PaymentState.NEEDS_REVIEW, source=evidence.source, values=values, detail=detail)
+    return await transition(
+        session, payment, PaymentState.NEEDS_REVIEW, source=evidence.source, values=values, detail=detail
+    )
 
 
 def _outcome_values(evidence: Evidence) -> dict[str, Any]:
@@ -187,10 +209,16 @@ def _outcome_values(evidence: Evidence) -> dict[str, Any]:
 async def _apply_success(session: AsyncSession, payment: Payment, evidence: Evidence) -> bool:
     state = PaymentState(payment.state)
     if state is PaymentState.COMPLETED:
-        if evidence.receipt and payment.mpesa_receipt_number and evidence.receipt != payment.mpesa_receipt_number:
-            return await _review(session, payment, evidence, "second receipt for one payment")
-        if evidence.receipt and not payment.mpesa_receipt_number and not await _receipt_taken(
-            session, payment, evidence.receipt
+        if (
+            evidence.receipt
+            and payment.mpesa_receipt_number
+            and evidence.receipt != payment.mpesa_receipt_number
+        ):
+            return await send_to_review(session, payment, evidence, "second receipt for one payment")
+        if (
+            evidence.receipt
+            and not payment.mpesa_receipt_number
+            and not await _receipt_taken(session, payment, evidence.receipt)
         ):
             # A query settled it first; the callback brings the receipt.
             payment.mpesa_receipt_number = evidence.receipt
@@ -200,13 +228,15 @@ async def _apply_success(session: AsyncSession, payment: Payment, evidence: Evid
         record_event(session, payment, kind="duplicate", source=evidence.source, detail=evidence.detail())
         return True
     if state in FINAL_FAILURE_STATES and state is not PaymentState.EXPIRED:
-        return await _review(session, payment, evidence, f"success reported after {state.value.lower()}")
+        return await send_to_review(
+            session, payment, evidence, f"success reported after {state.value.lower()}"
+        )
     if not _amount_matches(payment, evidence):
-        return await _review(session, payment, evidence, "paid amount differs from the payment amount")
+        return await send_to_review(session, payment, evidence, "paid amount differs from the payment amount")
     if not _phone_matches(payment, evidence):
-        return await _review(session, payment, evidence, "paying phone differs from the payment phone")
+        return await send_to_review(session, payment, evidence, "paying phone differs from the payment phone")
     if await _receipt_taken(session, payment, evidence.receipt):
-        return await _review(session, payment, evidence, "receipt already used by another payment")
+        return await send_to_review(session, payment, evidence, "receipt already used by another payment")
 
     values = {
         **_outcome_values(evidence),
@@ -218,10 +248,12 @@ async def _apply_success(session: AsyncSession, payment: Payment, evidence: Evid
     detail = evidence.detail()
     if state is PaymentState.EXPIRED:
         detail["flag"] = "verified success after inferred expiry"
-    if not await transition(session, payment, PaymentState.COMPLETED, source=evidence.source, values=values, detail=detail):
+    if not await transition(
+        session, payment, PaymentState.COMPLETED, source=evidence.source, values=values, detail=detail
+    ):
         return False
     if not await _mark_order_paid(session, payment):
-        return await _review(session, payment, evidence, "order already paid by another payment")
+        return await send_to_review(session, payment, evidence, "order already paid by another payment")
     return True
 
 
@@ -234,7 +266,14 @@ async def _apply_failure(session: AsyncSession, payment: Payment, evidence: Evid
         kind = "duplicate" if payment.result_code == evidence.result_code else "conflict_ignored"
         record_event(session, payment, kind=kind, source=evidence.source, detail=evidence.detail())
         return True
-    return await transition(session, payment, target, source=evidence.source, values=_outcome_values(evidence), detail=evidence.detail())
+    return await transition(
+        session,
+        payment,
+        target,
+        source=evidence.source,
+        values=_outcome_values(evidence),
+        detail=evidence.detail(),
+    )
 
 
 async def apply_evidence(session: AsyncSession, payment: Payment, evidence: Evidence) -> None:

@@ -135,7 +135,9 @@ def status_response(payment: Payment) -> PaymentStatusResponse:
         amount=payment.amount,
         currency=payment.currency,
         mpesa_receipt_number=receipt,
-        data=StatusData(status=outcome.status, ResultCode=outcome.result_code, result_code=outcome.result_code),
+        data=StatusData(
+            status=outcome.status, ResultCode=outcome.result_code, result_code=outcome.result_code
+        ),
         payment=PaymentSummary(
             id=payment.id,
             status=outcome.status,

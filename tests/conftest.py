@@ -58,9 +58,9 @@ class RunningServer:
         body = {"phone": phone, "amount": order["total"], "order_id": order["order_id"], **extra}
         return await self.client.post("/api/payments/mpesa/initiate", json=body)
 
-    async def wait_final(self, ref: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_final(self, ref: str, *, within: float = 10.0) -> dict[str, Any]:
         """Poll the status endpoint like the frontend does (faster) until it is final."""
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             response = await self.client.get(f"/api/payments/status/{ref}")
             assert response.status_code == 200, response.text
@@ -68,7 +68,7 @@ class RunningServer:
             if body["status"] != "pending":
                 return body
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"payment {ref} still pending after {timeout}s: {body}")
+                raise AssertionError(f"payment {ref} still pending after {within}s: {body}")
             await asyncio.sleep(0.05)
 
     async def ledger(self) -> dict[str, Any]:
@@ -95,6 +95,9 @@ def fast_settings(tmp_path: Path, port: int, **overrides: Any) -> Settings:
         "status_query_min_interval_seconds": 0.2,
         "daraja_timeout_seconds": 5.0,
         "log_json": False,
+        # Tests pay many orders from the magic numbers; the limits have tests of their own.
+        "push_limit_per_phone": 1000,
+        "push_limit_per_ip": 1000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -140,4 +143,3 @@ def server_factory(tmp_path: Path) -> ServerFactory:
         return running_server(tmp_path, **overrides)
 
     return factory
-

@@ -27,29 +27,41 @@ async def push_for(server: RunningServer, checkout_id: str) -> dict[str, Any]:
     return next(p for p in ledger["pushes"] if p["CheckoutRequestID"] == checkout_id)
 
 
-def callback_body(checkout_id: str, code: int | str, *, receipt: str = "TST0000001", amount: float = 1.0,
-                  phone: int = 254708374149) -> dict[str, Any]:
+def callback_body(
+    checkout_id: str,
+    code: int | str,
+    *,
+    receipt: str = "TST0000001",
+    amount: float = 1.0,
+    phone: int = 254708374149,
+) -> dict[str, Any]:
     callback: dict[str, Any] = {
         "MerchantRequestID": "29115-34620561-1",
         "CheckoutRequestID": checkout_id,
         "ResultCode": code,
-        "ResultDesc": "The service request is processed successfully." if code == 0 else "Request cancelled by user",
+        "ResultDesc": "The service request is processed successfully."
+        if code == 0
+        else "Request cancelled by user",
     }
     if code == 0:
-        callback["CallbackMetadata"] = {"Item": [
-            {"Name": "Amount", "Value": amount},
-            {"Name": "MpesaReceiptNumber", "Value": receipt},
-            {"Name": "Balance"},
-            {"Name": "TransactionDate", "Value": 20261126120000},
-            {"Name": "PhoneNumber", "Value": phone},
-        ]}
+        callback["CallbackMetadata"] = {
+            "Item": [
+                {"Name": "Amount", "Value": amount},
+                {"Name": "MpesaReceiptNumber", "Value": receipt},
+                {"Name": "Balance"},
+                {"Name": "TransactionDate", "Value": 20261126120000},
+                {"Name": "PhoneNumber", "Value": phone},
+            ]
+        }
     return {"Body": {"stkCallback": callback}}
 
 
 async def inbox_rows(server: RunningServer, checkout_id: str) -> list[CallbackInbox]:
     async with server.services.db.read() as session:
         rows = await session.scalars(
-            select(CallbackInbox).where(CallbackInbox.checkout_request_id == checkout_id).order_by(CallbackInbox.id)
+            select(CallbackInbox)
+            .where(CallbackInbox.checkout_request_id == checkout_id)
+            .order_by(CallbackInbox.id)
         )
         return list(rows)
 
@@ -163,7 +175,9 @@ async def test_oversized_callback_is_refused_with_413(server: RunningServer) -> 
 
 
 async def test_callback_for_unknown_checkout_id_is_kept_as_orphan(server: RunningServer) -> None:
-    response = await server.client.post("/api/payments/mpesa/callback", json=callback_body("ws_CO_unknown", 0))
+    response = await server.client.post(
+        "/api/payments/mpesa/callback", json=callback_body("ws_CO_unknown", 0)
+    )
 
     assert response.status_code == 200
     assert response.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
@@ -178,7 +192,8 @@ async def test_wrong_token_never_changes_a_payment(server_factory: ServerFactory
         checkout_id = (await server.initiate(order, "254700001037")).json()["CheckoutRequestID"]
 
         response = await server.client.post(
-            "/api/payments/mpesa/callback/not-the-token", json=callback_body(checkout_id, 0, amount=order["total"])
+            "/api/payments/mpesa/callback/not-the-token",
+            json=callback_body(checkout_id, 0, amount=order["total"]),
         )
         assert response.status_code == 200
         await settle_inbox(server)
@@ -230,10 +245,16 @@ async def test_stored_but_unapplied_callback_is_applied_at_restart(server_factor
         token = push["callback_url"].rsplit("/", 1)[1]
         # As if lipia died right after storing and acknowledging this callback.
         async with server.services.db.write() as session:
-            session.add(CallbackInbox(
-                path="token", token_hash=hash_token(token), raw_body=json.dumps(callback_body(checkout_id, 1032)),
-                checkout_request_id=checkout_id, result_code="1032", status=CallbackStatus.RECEIVED,
-            ))
+            session.add(
+                CallbackInbox(
+                    path="token",
+                    token_hash=hash_token(token),
+                    raw_body=json.dumps(callback_body(checkout_id, 1032)),
+                    checkout_request_id=checkout_id,
+                    result_code="1032",
+                    status=CallbackStatus.RECEIVED,
+                )
+            )
     async with server_factory() as server:
         status = (await server.client.get(f"/api/payments/status/{checkout_id}")).json()
         assert status["status"] == "cancelled"
@@ -256,7 +277,8 @@ async def test_callback_logs_name_the_payment_without_the_phone(
     changes = [r for r in caplog.records if r.getMessage() == "payment status changed"]
     assert [r.to_state for r in changes] == ["PENDING", "COMPLETED"]  # type: ignore[attr-defined]
     checks = [r for r in caplog.records if r.getMessage() == "STATUS CHECK"]
-    assert checks and all(r.levelno == logging.DEBUG for r in checks)
+    assert checks
+    assert all(r.levelno == logging.DEBUG for r in checks)
     for record in caplog.records:
         assert SUCCESS_PHONE not in record.getMessage()
         assert all(SUCCESS_PHONE not in str(value) for value in record.__dict__.values())

@@ -44,14 +44,24 @@ def test_every_real_stk_callback_parses(path: Path) -> None:
 
 
 def test_string_result_code_is_kept_verbatim() -> None:
-    parsed = parse_callback_bytes((SAMPLES / "stk_callback_SFC_IC0003_string_resultcode_2021.json").read_bytes())
+    parsed = parse_callback_bytes(
+        (SAMPLES / "stk_callback_SFC_IC0003_string_resultcode_2021.json").read_bytes()
+    )
     assert parsed.result_code == "SFC_IC0003"
     assert not parsed.is_success
 
 
 def test_amount_keeps_its_decimal_value() -> None:
-    body = {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0, "ResultDesc": "ok",
-                                     "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 1.5}]}}}}
+    body = {
+        "Body": {
+            "stkCallback": {
+                "CheckoutRequestID": "ws_CO_1",
+                "ResultCode": 0,
+                "ResultDesc": "ok",
+                "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 1.5}]},
+            }
+        }
+    }
     assert parse_callback(body).amount == Decimal("1.5")
 
 
@@ -71,12 +81,33 @@ def test_amount_keeps_its_decimal_value() -> None:
         {"Body": {"stkCallback": {"CheckoutRequestID": "", "ResultCode": 0}}},
         {"Body": {"stkCallback": {"CheckoutRequestID": "x" * 81, "ResultCode": 0}}},
         {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0, "CallbackMetadata": []}}},
-        {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0,
-                                  "CallbackMetadata": {"Item": [{"Value": 1}]}}}},
-        {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0,
-                                  "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": "abc"}]}}}},
-        {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0,
-                                  "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": -1}]}}}},
+        {
+            "Body": {
+                "stkCallback": {
+                    "CheckoutRequestID": "ws_CO_1",
+                    "ResultCode": 0,
+                    "CallbackMetadata": {"Item": [{"Value": 1}]},
+                }
+            }
+        },
+        {
+            "Body": {
+                "stkCallback": {
+                    "CheckoutRequestID": "ws_CO_1",
+                    "ResultCode": 0,
+                    "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": "abc"}]},
+                }
+            }
+        },
+        {
+            "Body": {
+                "stkCallback": {
+                    "CheckoutRequestID": "ws_CO_1",
+                    "ResultCode": 0,
+                    "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": -1}]},
+                }
+            }
+        },
         {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0, "ResultDesc": 5}}},
     ],
 )
@@ -93,13 +124,31 @@ def test_bytes_that_are_not_json_objects_are_refused(raw: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4)
+    ),
     max_leaves=20,
 )
 callback_like = st.fixed_dictionaries(
-    {"Body": st.fixed_dictionaries({"stkCallback": st.dictionaries(
-        st.sampled_from(["CheckoutRequestID", "MerchantRequestID", "ResultCode", "ResultDesc", "CallbackMetadata"]),
-        json_values, max_size=5)})}
+    {
+        "Body": st.fixed_dictionaries(
+            {
+                "stkCallback": st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "CheckoutRequestID",
+                            "MerchantRequestID",
+                            "ResultCode",
+                            "ResultDesc",
+                            "CallbackMetadata",
+                        ]
+                    ),
+                    json_values,
+                    max_size=5,
+                )
+            }
+        )
+    }
 )
 
 
