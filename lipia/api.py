@@ -211,18 +211,26 @@ async def _receive_callback(
     raw, too_large = await _read_limited(request, MAX_STORED_BODY)
     source_ip = services.client_ip(request)
     source_allowed = services.callback_sources is None or services.callback_sources.allows(source_ip)
+    content_type = request.headers.get("content-type", "")
+    is_json = content_type.split(";")[0].strip().lower() == "application/json"
+    refused = None
+    if not source_allowed:
+        refused = "source address is not on the Safaricom callback list"
+    elif not is_json:
+        refused = "content type is not application/json"
     stored = await services.inbox.store(
-        raw,
-        token=token,
-        client_ip=source_ip,
-        content_type=request.headers.get("content-type"),
-        refused=None if source_allowed else "source address is not on the Safaricom callback list",
+        raw, token=token, client_ip=source_ip, content_type=content_type, refused=refused
     )
+    # Whatever happens below, the body is stored for inspection; refused ones are never applied.
     if too_large:
         return JSONResponse(error_body("PayloadTooLarge", stored.error), status_code=413)
     if not source_allowed:
-        # Stored for inspection, never applied.
         raise CallbackSourceRefused("Callbacks are accepted only from Safaricom's addresses.")
+    if not is_json:
+        return JSONResponse(
+            error_body("UnsupportedMediaType", "Daraja callbacks are sent as application/json."),
+            status_code=415,
+        )
     if stored.parsed is None:
         return JSONResponse(error_body("InvalidCallback", stored.error), status_code=400)
     # Acknowledge first, apply after the response is sent (the stored row survives a crash).
@@ -239,6 +247,7 @@ async def _receive_callback(
         400: {"description": "Not a Daraja callback (still stored)."},
         403: {"description": "Source address refused by the callback allowlist (still stored)."},
         413: {"description": "Body too large (the first 16 KiB are stored)."},
+        415: {"description": "Not sent as application/json (still stored)."},
     },
 )
 async def mpesa_callback_with_token(
@@ -257,6 +266,7 @@ async def mpesa_callback_with_token(
         400: {"description": "Not a Daraja callback (still stored)."},
         403: {"description": "Source address refused by the callback allowlist (still stored)."},
         413: {"description": "Body too large (the first 16 KiB are stored)."},
+        415: {"description": "Not sent as application/json (still stored)."},
     },
 )
 async def mpesa_callback(request: Request, services: ServicesDep, background: BackgroundTasks) -> Any:

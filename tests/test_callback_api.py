@@ -149,7 +149,7 @@ async def test_late_callback_after_query_settled_adds_the_receipt(server_factory
         (b"", "application/json"),
         (b'{"Body": {}}', "application/json"),
         (b"[1, 2, 3]", "application/json"),
-        (b"ResultCode=0&CheckoutRequestID=ws_CO_1", "application/x-www-form-urlencoded"),
+        (b"{}", "application/json; charset=UTF-8"),
     ],
 )
 @pytest.mark.parametrize("path", ["/api/payments/mpesa/callback", "/api/payments/mpesa/callback/some-token"])
