@@ -123,27 +123,31 @@ class InitiateResponse(BaseModel):
     responses=idempotency.RESPONSES,
 )
 async def initiate_payment(
-    body: InitiateRequest, services: ServicesDep, idempotency_key: idempotency.IdempotencyKeyHeader = None
+    body: InitiateRequest,
+    request: Request,
+    services: ServicesDep,
+    idempotency_key: idempotency.IdempotencyKeyHeader = None,
 ) -> InitiateResponse | JSONResponse:
     """Send an M-Pesa STK Push for an order. A repeat while a push is live returns that payment.
 
     With an `Idempotency-Key`, a retry with the same body gets the first answer back (status and
     body, header `Idempotent-Replayed: true`) for 72 hours; see lipia/idempotency.py.
     """
+    ip = services.client_ip(request)
     if idempotency_key is None:
-        return await _initiate(body, services)
+        return await _initiate(body, services, ip)
     return await idempotency.idempotent(
         services.db,
         scope=idempotency.SCOPE_INITIATE,
         key=idempotency_key,
         request=idempotency.initiate_request(order_id=body.order_id, phone=body.phone, amount=body.amount),
-        run=lambda: _initiate(body, services),
+        run=lambda: _initiate(body, services, ip),
     )
 
 
-async def _initiate(body: InitiateRequest, services: Services) -> InitiateResponse:
+async def _initiate(body: InitiateRequest, services: Services, client_ip: str | None) -> InitiateResponse:
     outcome = await services.payments.initiate(
-        order_id=body.order_id, phone=body.phone, amount=int(body.amount)
+        order_id=body.order_id, phone=body.phone, amount=int(body.amount), client_ip=client_ip
     )
     payment = outcome.payment
     accepted = payment.checkout_request_id is not None

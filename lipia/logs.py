@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+from typing import IO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -41,8 +42,19 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", *, json_lines: bool = True, secrets: Iterable[str] = ()) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+# Libraries whose INFO/DEBUG lines carry full URLs (callback tokens) or SQL parameters (phones).
+_QUIET_LOGGERS = ("httpx", "httpcore", "uvicorn.access", "aiosqlite", "sqlalchemy.engine")
+
+
+def configure_logging(
+    level: str = "INFO",
+    *,
+    json_lines: bool = True,
+    secrets: Iterable[str] = (),
+    stream: IO[str] | None = None,
+) -> logging.Handler:
+    """Send lipia's log records to ``stream`` (stderr) as JSON lines; returns the handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if json_lines:
         handler.setFormatter(
             JsonFormatter(
@@ -58,3 +70,6 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True, secrets: 
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return handler

@@ -110,31 +110,32 @@ class BodySizeLimit:
 
         received = 0
         response_started = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
+                if received > self.max_bytes and not response_started:
+                    # Answer now and tell the app the client went away; whatever it sends after
+                    # this is dropped (frameworks swallow errors raised while reading a body).
+                    refused = True
+                    for reply in _json_error(413, "PayloadTooLarge", detail):
+                        await send(reply)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if refused:
+                return
             response_started = response_started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not response_started:
-                for message in _json_error(413, "PayloadTooLarge", detail):
-                    await send(message)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, guarded_send)
 
 
 class SecurityHeaders:

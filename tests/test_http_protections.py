@@ -1,0 +1,138 @@
+"""Abuse limits, body limits, CORS and security headers (issue 4 items 3-4)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import ServerFactory
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_push_limit_per_phone_answers_429_with_retry_after(server_factory: ServerFactory) -> None:
+    async with server_factory(push_limit_per_phone=2, push_limit_window_seconds=600) as server:
+        for _ in range(2):
+            order = await server.create_order()
+            paid = await server.initiate(order, "254700001032")
+            assert paid.status_code == 200
+            await server.wait_final(paid.json()["CheckoutRequestID"])
+
+        order = await server.create_order()
+        refused = await server.initiate(order, "0700 001 032")
+
+        assert refused.status_code == 429
+        assert refused.json()["error"] == "TooManyRequests"
+        assert "2547****032" in refused.json()["detail"]
+        assert 590 <= int(refused.headers["Retry-After"]) <= 601
+        ledger = await server.ledger()
+        assert len(ledger["pushes"]) == 2
+        # Another phone is not affected.
+        assert (await server.initiate(order, "254711222333")).status_code == 200
+
+
+async def test_push_limit_per_client_ip(server_factory: ServerFactory) -> None:
+    async with server_factory(push_limit_per_ip=3) as server:
+        codes = []
+        for index in range(4):
+            order = await server.create_order()
+            response = await server.initiate(order, f"2547110000{index:02d}")
+            codes.append(response.status_code)
+        assert codes == [200, 200, 200, 429]
+        assert len((await server.ledger())["pushes"]) == 3
+
+
+async def test_push_limit_window_expires(server_factory: ServerFactory) -> None:
+    async with server_factory(push_limit_per_phone=1, push_limit_window_seconds=0.5) as server:
+        first = await server.initiate(await server.create_order(), "254700001032")
+        await server.wait_final(first.json()["CheckoutRequestID"])
+        order = await server.create_order()
+        assert (await server.initiate(order, "254700001032")).status_code == 429
+        await asyncio.sleep(0.6)
+        assert (await server.initiate(order, "254700001032")).status_code == 200
+
+
+async def test_request_bodies_over_the_limit_get_413(server_factory: ServerFactory) -> None:
+    async with server_factory(max_body_bytes=4096) as server:
+        big = {"items": [{"menu_item_id": "chips", "quantity": 1}], "note": "x" * 10_000}
+        declared = await server.client.post("/api/orders", json=big)
+
+        async def chunks():  # no Content-Length: the limit is enforced while streaming
+            yield b'{"items": [], "note": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        streamed = await server.client.post(
+            "/api/orders", content=chunks(), headers={"content-type": "application/json"}
+        )
+        small = await server.client.post(
+            "/api/orders", json={"items": [{"menu_item_id": "chips", "quantity": 1}]}
+        )
+
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"] == "PayloadTooLarge"
+    assert small.status_code == 201
+
+
+async def test_security_headers_on_every_response(server_factory: ServerFactory) -> None:
+    async with server_factory() as server:
+        for response in (
+            await server.client.get("/api/menu"),
+            await server.client.get("/api/payments/status/nope"),
+            await server.client.post("/api/orders", content=b"{"),
+        ):
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert response.headers["X-Frame-Options"] == "DENY"
+            assert response.headers["Referrer-Policy"] == "no-referrer"
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+            assert "Strict-Transport-Security" not in response.headers  # served over http here
+
+
+async def test_cors_only_for_configured_origins(server_factory: ServerFactory) -> None:
+    async with server_factory(cors_origins=["https://shop.example"]) as server:
+        allowed = await server.client.get("/api/menu", headers={"Origin": "https://shop.example"})
+        other = await server.client.get("/api/menu", headers={"Origin": "https://evil.example"})
+        null = await server.client.get("/api/menu", headers={"Origin": "null"})
+        preflight = await server.client.options(
+            "/api/payments/mpesa/initiate",
+            headers={
+                "Origin": "https://shop.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,idempotency-key",
+            },
+        )
+        evil_preflight = await server.client.options(
+            "/api/payments/mpesa/initiate",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert "Access-Control-Allow-Origin" not in other.headers
+    assert "Access-Control-Allow-Origin" not in null.headers
+    assert "Access-Control-Allow-Credentials" not in allowed.headers
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert "idempotency-key" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert evil_preflight.status_code == 400
+    assert "Access-Control-Allow-Origin" not in evil_preflight.headers
+
+
+async def test_no_cors_headers_without_configured_origins(server_factory: ServerFactory) -> None:
+    async with server_factory() as server:
+        response = await server.client.get("/api/menu", headers={"Origin": "https://shop.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_status_shows_only_what_the_customer_needs(server_factory: ServerFactory) -> None:
+    async with server_factory() as server:
+        order = await server.create_order()
+        checkout_id = (await server.initiate(order, "254708374149")).json()["CheckoutRequestID"]
+        body = (await server.client.get(f"/api/payments/status/{checkout_id}")).json()
+    text = str(body)
+    assert "254708374149" not in text
+    assert body["payment"]["phone"] == "2547****149"
+    for internal in ("callback_token", "token_hash", "lease", "client_ip", "account_reference"):
+        assert internal not in text

@@ -1,0 +1,190 @@
+"""Every flow at DEBUG, every log line scanned: no secret, token, STK Password or full phone number.
+
+Issue 4 item 5 (reliability.md §4.2-§4.3, I8). The logging is configured exactly as `lipia serve`
+configures it; a second handler on the root logger also catches what third-party libraries say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lipia.logs import configure_logging
+from tests.conftest import (
+    CANCELLED_PHONE,
+    EXPIRED_PHONE,
+    INSUFFICIENT_PHONE,
+    NO_RESPONSE_PHONE,
+    SILENT_SUCCESS_PHONE,
+    SUCCESS_PHONE,
+    WRONG_PIN_PHONE,
+    RunningServer,
+    ServerFactory,
+)
+from tests.test_callback_api import arm, callback_body, push_for
+
+pytestmark = pytest.mark.anyio
+
+SECRETS = {
+    "consumer_key": "ck-4f1c2a9e7b3d5f6a8c0e",
+    "consumer_secret": "cs-9b8a7c6d5e4f3a2b1c0d",
+    "passkey": "pk0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f",
+    "admin_token": "admin-7d6c5b4a39281706f5e4",
+}
+# Full Kenyan mobile numbers in any written form; digits around them mean it is part of something
+# else (a CheckoutRequestID carries the national number, a TransactionDate is 14 digits).
+FULL_PHONE = re.compile(r"(?<![0-9])(?:\+?254|0)[17][0-9]{8}(?![0-9])")
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = configure_logging("DEBUG", json_lines=True, secrets=SECRETS.values(), stream=stream)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        lipia_logger = logging.getLogger("lipia")
+        lipia_logger.handlers.clear()
+        lipia_logger.propagate = True
+        lipia_logger.setLevel(logging.NOTSET)
+
+
+def stk_password_prefix(shortcode: str, passkey: str) -> str:
+    """The part of base64(shortcode + passkey + timestamp) that does not depend on the timestamp."""
+    stable = (shortcode + passkey).encode()
+    whole = len(stable) - len(stable) % 3
+    return base64.b64encode(stable[:whole]).decode()
+
+
+async def run_every_flow(server: RunningServer, tokens: set[str]) -> list[str]:
+    """Drive the flows that touch secrets and phones; return the callback tokens lipia issued."""
+
+    def remember_token() -> None:
+        cached = server.services.payments.client._token  # the access token lipia holds now
+        if cached is not None:
+            tokens.add(cached.value)
+
+    checkout_ids = []
+    for phone in (
+        SUCCESS_PHONE,
+        INSUFFICIENT_PHONE,
+        CANCELLED_PHONE,
+        NO_RESPONSE_PHONE,
+        WRONG_PIN_PHONE,
+        EXPIRED_PHONE,
+        SILENT_SUCCESS_PHONE,
+        "0712 345 678",
+        "+254 110 000 001",
+    ):
+        order = await server.create_order()
+        response = await server.initiate(order, phone, **{})
+        assert response.status_code == 200, response.text
+        checkout_ids.append(response.json()["CheckoutRequestID"])
+        remember_token()
+        await server.client.post("/daraja/simulator/tokens/revoke")  # next push refreshes the token
+    for checkout_id in checkout_ids:
+        await server.wait_final(checkout_id)
+
+    # Refused pushes, a forged callback, admin reads, an idempotent replay, bad input.
+    await arm(server, {"push": {"mode": "error", "status": 500, "error_code": "500.003.02", "times": 1}})
+    order = await server.create_order()
+    assert (await server.initiate(order, "0722000111")).status_code == 503
+    headers = {"Idempotency-Key": "key-1"}
+    for _ in range(2):
+        body = {"phone": "0722000222", "amount": order["total"], "order_id": order["order_id"]}
+        await server.client.post("/api/payments/mpesa/initiate", json=body, headers=headers)
+    remember_token()
+    await server.client.post("/api/payments/mpesa/callback", json=callback_body(checkout_ids[0], 0))
+    await server.client.post(
+        "/api/payments/mpesa/callback/forged",
+        content=b"not json",
+        headers={"content-type": "application/json"},
+    )
+    admin = {"Authorization": f"Bearer {SECRETS['admin_token']}"}
+    await server.client.get("/api/admin/payments", headers=admin)
+    await server.client.get(f"/api/admin/payments/{checkout_ids[0]}?include_raw=true", headers=admin)
+    await server.client.post(
+        "/api/payments/mpesa/initiate",
+        json={"phone": "0799 999 999x", "amount": 1, "order_id": order["order_id"]},
+    )
+    await server.services.runner.wait_idle()
+    await asyncio.sleep(0.2)
+
+    callback_tokens = []
+    for checkout_id in checkout_ids:
+        push = await push_for(server, checkout_id)
+        callback_tokens.append(push["callback_url"].rsplit("/", 1)[1])
+    return callback_tokens
+
+
+async def test_no_secret_or_full_phone_in_any_log_line(
+    server_factory: ServerFactory, log_stream: io.StringIO
+) -> None:
+    tokens: set[str] = set()
+    async with server_factory(**SECRETS) as server:
+        callback_tokens = await run_every_flow(server, tokens)
+        shortcode = server.settings.shortcode
+
+    output = log_stream.getvalue()
+    lines = output.splitlines()
+    # The scan must have something to scan: the flows above log at every level.
+    assert len(lines) > 50
+    assert "M-PESA CALLBACK RECEIVED" in output
+    assert "STATUS CHECK" in output
+    assert len(tokens) >= 5
+
+    forbidden: dict[str, str] = {name: value for name, value in SECRETS.items()}
+    basic = base64.b64encode(f"{SECRETS['consumer_key']}:{SECRETS['consumer_secret']}".encode()).decode()
+    forbidden["basic_auth"] = basic
+    forbidden["stk_password"] = stk_password_prefix(shortcode, SECRETS["passkey"])
+    forbidden.update({f"access_token_{i}": token for i, token in enumerate(sorted(tokens))})
+    forbidden.update({f"callback_token_{i}": token for i, token in enumerate(callback_tokens)})
+
+    hits: list[tuple[str, int]] = [
+        (name, number)
+        for number, line in enumerate(lines)
+        for name, value in forbidden.items()
+        if value in line
+    ]
+    phones: list[tuple[str, int]] = [
+        (match, number) for number, line in enumerate(lines) for match in FULL_PHONE.findall(line)
+    ]
+    assert hits == []
+    assert phones == []
+
+
+def test_the_scan_finds_what_it_looks_for() -> None:
+    # The patterns above are only worth something if they match the real thing.
+    line = '{"message": "pushed", "phone": "254708374149", "other": "0712345678", "x": "+254110000001"}'
+    assert FULL_PHONE.findall(line) == ["254708374149", "0712345678", "+254110000001"]
+    assert FULL_PHONE.findall('"ws_CO_26112026120000123708374149" "20261126120000"') == []
+    password = base64.b64encode(("174379" + SECRETS["passkey"] + "20261126120000").encode()).decode()
+    assert stk_password_prefix("174379", SECRETS["passkey"]) in password
+
+
+def test_redaction_filter_catches_a_secret_that_slips_through() -> None:
+    stream = io.StringIO()
+    configure_logging("DEBUG", json_lines=True, secrets=[SECRETS["consumer_secret"]], stream=stream)
+    try:
+        logging.getLogger("lipia.test").info(
+            "oops %s", SECRETS["consumer_secret"], extra={"leak": f"x{SECRETS['consumer_secret']}y"}
+        )
+    finally:
+        logger: Any = logging.getLogger("lipia")
+        logger.handlers.clear()
+        logger.propagate = True
+    assert SECRETS["consumer_secret"] not in stream.getvalue()
+    assert "[redacted]" in stream.getvalue()
