@@ -9,14 +9,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from sqlalchemy import text
 
 from lipia import idempotency
 from lipia.background import BackgroundRunner
+from lipia.callbacks import MAX_ID_NUMBER
 from lipia.config import Settings
 from lipia.db import Database
-from lipia.errors import CallbackSourceRefused, PaymentNotFound, error_body
+from lipia.errors import CallbackSourceRefused, ErrorResponse, PaymentNotFound, error_body, error_responses
 from lipia.inbox import MAX_STORED_BODY, CallbackInboxService
 from lipia.menu import Menu
 from lipia.orders import OrderCreate, OrderOut, create_order, get_order
@@ -26,6 +27,8 @@ from lipia.security import CallbackSourceCheck, Network, client_ip
 from lipia.status import PaymentStatusResponse, public_outcome, status_response
 
 logger = logging.getLogger("lipia.api")
+
+PHONE_PATTERN = r"^\+?[0-9][0-9 ().-]{7,30}$"
 
 
 @dataclass
@@ -52,7 +55,8 @@ def get_services(request: Request) -> Services:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
-router = APIRouter()
+# Every endpoint documents the one error envelope for invalid input (not FastAPI's default shape).
+router = APIRouter(responses=error_responses(422))
 
 
 # -- menu and orders -----------------------------------------------------------------------
@@ -64,7 +68,9 @@ async def read_menu(services: ServicesDep) -> Menu:
     return services.menu
 
 
-@router.post("/api/orders", response_model=OrderOut, status_code=201, tags=["orders"])
+@router.post(
+    "/api/orders", response_model=OrderOut, status_code=201, tags=["orders"], responses=error_responses(413)
+)
 async def create_order_endpoint(body: OrderCreate, services: ServicesDep) -> OrderOut:
     """Create an order; the total is computed on the server from the menu."""
     async with services.db.write() as session:
@@ -72,7 +78,9 @@ async def create_order_endpoint(body: OrderCreate, services: ServicesDep) -> Ord
         return OrderOut.model_validate(order)
 
 
-@router.get("/api/orders/{order_id}", response_model=OrderOut, tags=["orders"])
+@router.get(
+    "/api/orders/{order_id}", response_model=OrderOut, tags=["orders"], responses=error_responses(404)
+)
 async def read_order(order_id: str, services: ServicesDep) -> OrderOut:
     """An order with its items, total and payment state."""
     async with services.db.read() as session:
@@ -85,8 +93,16 @@ async def read_order(order_id: str, services: ServicesDep) -> OrderOut:
 class InitiateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    phone: str = Field(max_length=32, examples=["0708374149"])
-    amount: Decimal = Field(
+    phone: Annotated[
+        str,
+        # Documented tighter than enforced: the normaliser gives the clearer message.
+        WithJsonSchema({"type": "string", "pattern": PHONE_PATTERN, "minLength": 9, "maxLength": 32}),
+    ] = Field(
+        max_length=32,
+        description="Kenyan mobile number: 07XXXXXXXX, 01XXXXXXXX, +2547XXXXXXXX, 2547XXXXXXXX, 7XXXXXXXX.",
+        examples=["0708374149"],
+    )
+    amount: Annotated[Decimal, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 250_000})] = Field(
         description="Whole Kenyan shillings; must equal the order's total.", examples=[450]
     )
     order_id: str = Field(min_length=1, max_length=40)
@@ -120,7 +136,7 @@ class InitiateResponse(BaseModel):
     "/api/payments/mpesa/initiate",
     response_model=InitiateResponse,
     tags=["payments"],
-    responses=idempotency.RESPONSES,
+    responses={**error_responses(404, 409, 413, 422, 429, 502, 503), **idempotency.RESPONSES},
 )
 async def initiate_payment(
     body: InitiateRequest,
@@ -173,27 +189,62 @@ class CallbackAck(BaseModel):
     ResultDesc: str = "Accepted"
 
 
-_CALLBACK_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
+# Daraja's STK callback envelope (reference/daraja.md §5), stated exactly as lipia's parser
+# (lipia/callbacks.py) accepts it, so the schema neither promises nor refuses more than it does.
+_TEXT_ID = {"type": "string", "minLength": 1, "maxLength": 80, "pattern": r"\S"}
+_SCALAR_ID = {"anyOf": [_TEXT_ID, {"type": "integer", "maximum": MAX_ID_NUMBER, "minimum": -MAX_ID_NUMBER}]}
+_ITEM = {"type": "object", "required": ["Name"], "properties": {"Name": {"type": "string"}, "Value": {}}}
+_CALLBACK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["Body"],
+    "properties": {
+        "Body": {
+            "type": "object",
+            "required": ["stkCallback"],
+            "properties": {
+                "stkCallback": {
                     "type": "object",
-                    "example": {
-                        "Body": {
-                            "stkCallback": {
-                                "MerchantRequestID": "29115-34620561-1",
-                                "CheckoutRequestID": "ws_CO_191220191020363925",
-                                "ResultCode": 1032,
-                                "ResultDesc": "Request cancelled by user",
-                            }
-                        }
+                    "required": ["CheckoutRequestID", "ResultCode"],
+                    "properties": {
+                        "MerchantRequestID": {"anyOf": [_SCALAR_ID, {"type": "null"}]},
+                        "CheckoutRequestID": _SCALAR_ID,
+                        "ResultCode": _SCALAR_ID,
+                        "ResultDesc": {"type": ["string", "null"]},
+                        # Absent on failures; null is tolerated the same way.
+                        "CallbackMetadata": {
+                            "anyOf": [
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "Item": {"anyOf": [{"type": "array", "items": _ITEM}, _ITEM]}
+                                    },
+                                },
+                                {"type": "null"},
+                            ]
+                        },
                     },
                 }
+            },
+        }
+    },
+    "example": {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-34620561-1",
+                "CheckoutRequestID": "ws_CO_191220191020363925",
+                "ResultCode": 1032,
+                "ResultDesc": "Request cancelled by user",
             }
-        },
-    }
+        }
+    },
+}
+_CALLBACK_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _CALLBACK_SCHEMA}}}
+}
+_CALLBACK_ERRORS = {
+    **error_responses(400, 403, 413, 415),
+    400: {"model": ErrorResponse, "description": "Not a Daraja callback (still stored for inspection)."},
+    403: {"model": ErrorResponse, "description": "Source address refused by the allowlist (still stored)."},
 }
 
 
@@ -247,12 +298,7 @@ async def _receive_callback(
     response_model=CallbackAck,
     tags=["payments"],
     openapi_extra=_CALLBACK_BODY,
-    responses={
-        400: {"description": "Not a Daraja callback (still stored)."},
-        403: {"description": "Source address refused by the callback allowlist (still stored)."},
-        413: {"description": "Body too large (the first 16 KiB are stored)."},
-        415: {"description": "Not sent as application/json (still stored)."},
-    },
+    responses=_CALLBACK_ERRORS,
 )
 async def mpesa_callback_with_token(
     token: str, request: Request, services: ServicesDep, background: BackgroundTasks
@@ -266,19 +312,19 @@ async def mpesa_callback_with_token(
     response_model=CallbackAck,
     tags=["payments"],
     openapi_extra=_CALLBACK_BODY,
-    responses={
-        400: {"description": "Not a Daraja callback (still stored)."},
-        403: {"description": "Source address refused by the callback allowlist (still stored)."},
-        413: {"description": "Body too large (the first 16 KiB are stored)."},
-        415: {"description": "Not sent as application/json (still stored)."},
-    },
+    responses=_CALLBACK_ERRORS,
 )
 async def mpesa_callback(request: Request, services: ServicesDep, background: BackgroundTasks) -> Any:
     """The seed's bare callback path (no token)."""
     return await _receive_callback(request, services, background, None)
 
 
-@router.get("/api/payments/status/{payment_ref}", response_model=PaymentStatusResponse, tags=["payments"])
+@router.get(
+    "/api/payments/status/{payment_ref}",
+    response_model=PaymentStatusResponse,
+    tags=["payments"],
+    responses=error_responses(404),
+)
 async def payment_status(payment_ref: str, services: ServicesDep) -> PaymentStatusResponse:
     """Status by CheckoutRequestID or lipia payment id, in the shape the frontend polls for."""
     if len(payment_ref) > 80:

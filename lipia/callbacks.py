@@ -16,6 +16,8 @@ from typing import Any
 from lipia.errors import InvalidCallback
 
 MAX_ID_LENGTH = 80
+# Result codes and ids that arrive as numbers are small; anything past this is not Daraja's.
+MAX_ID_NUMBER = 10**20
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,12 @@ def _scalar_text(value: Any, field: str) -> str:
         if not value.is_integer():
             raise InvalidCallback(f"{field} must be a whole number.")
         value = int(value)
-    text = str(value).strip()
-    if not text or len(text) > MAX_ID_LENGTH:
-        raise InvalidCallback(f"{field} must be 1 to {MAX_ID_LENGTH} characters.")
-    return text
+    if isinstance(value, int) and abs(value) > MAX_ID_NUMBER:
+        raise InvalidCallback(f"{field} is out of range.")
+    text = str(value)
+    if not text.strip() or len(text) > MAX_ID_LENGTH:
+        raise InvalidCallback(f"{field} must be 1 to {MAX_ID_LENGTH} characters, not all blank.")
+    return text.strip()
 
 
 def _optional_text(value: Any, field: str) -> str | None:

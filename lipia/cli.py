@@ -43,7 +43,9 @@ def serve(
     from lipia.app import create_app
 
     app = create_app(settings)
-    typer.echo(f"lipia on {settings.base_url} (Daraja: {settings.daraja_env.value}, docs: {settings.base_url}/docs)")
+    typer.echo(
+        f"lipia on {settings.base_url} (Daraja: {settings.daraja_env.value}, docs: {settings.base_url}/docs)"
+    )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", proxy_headers=False)
 
 
@@ -53,20 +55,40 @@ def simulator(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5556,
     callback_delay: Annotated[float, typer.Option(help="Seconds before the simulated customer acts.")] = 2.0,
     prompt_timeout: Annotated[float, typer.Option(help="Seconds an unanswered prompt lives.")] = 30.0,
-    strict_https: Annotated[bool, typer.Option(help="Refuse non-https CallBackURLs, as Daraja does.")] = False,
+    strict_https: Annotated[
+        bool, typer.Option(help="Refuse non-https CallBackURLs, as Daraja does.")
+    ] = False,
 ) -> None:
     """Run the Daraja simulator alone, for any backend to use."""
     from lipia.simulator import SimulatorConfig, create_simulator
 
     configure_logging("INFO", json_lines=False)
     config = SimulatorConfig(
-        callback_delay_seconds=callback_delay, prompt_timeout_seconds=prompt_timeout, strict_https=strict_https
+        callback_delay_seconds=callback_delay,
+        prompt_timeout_seconds=prompt_timeout,
+        strict_https=strict_https,
     )
     typer.echo(
         f"Daraja simulator on http://{host}:{port} (consumer key {config.consumer_key!r}, "
         f"secret {config.consumer_secret!r}, shortcode {config.shortcode})"
     )
     uvicorn.run(create_simulator(config), host=host, port=port, log_level="warning")
+
+
+@cli.command()
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="Run one round, print a summary and exit.")] = False,
+) -> None:
+    """Run the reconciler alone: settle payments whose callback never came (STK Query, expiry)."""
+    import asyncio
+
+    from lipia.reconciler import run_standalone
+
+    settings = Settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json, secrets=_secrets(settings))
+    report = asyncio.run(run_standalone(settings, once=once))
+    if report is not None:
+        typer.echo(f"reconcile round: {report.summary()}")
 
 
 def main() -> None:

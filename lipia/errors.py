@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("lipia.errors")
@@ -121,6 +122,36 @@ class PaymentProviderError(LipiaError):
     """Daraja refused or could not be reached; the message says whether the customer was prompted."""
 
     status_code = 502
+
+
+class ErrorResponse(BaseModel):
+    """Every error lipia returns."""
+
+    error: str = Field(description="The error's name, e.g. `OrderNotFound`.", examples=["OrderNotFound"])
+    detail: Any = Field(
+        description="What went wrong and how to fix it (a list of field errors for `ValidationError`).",
+        examples=["No order with id 'ord_0'."],
+    )
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Bad request.",
+    401: "Missing or wrong admin token.",
+    403: "Refused.",
+    404: "Not found.",
+    409: "Conflicts with the current state (e.g. the order is already paid or a prompt is live).",
+    413: "Request body too large.",
+    415: "Unsupported content type.",
+    422: "Invalid input; `detail` says which field and why.",
+    429: "Too many M-Pesa prompts; `Retry-After` says when to try again.",
+    502: "M-Pesa refused the request; no prompt was sent.",
+    503: "M-Pesa is busy or unreachable; no prompt was sent. `Retry-After` says when to retry.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error codes an endpoint can answer."""
+    return {code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 def error_body(error: str, detail: Any) -> dict[str, Any]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,8 +24,10 @@ class OrderItemIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     menu_item_id: str = Field(min_length=1, max_length=40)
-    # Bounds are checked in create_order so the message can name the item.
-    quantity: int = Field(strict=True)
+    # Bounds are checked in price_order so the message can name the item; the schema states them.
+    quantity: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY})] = (
+        Field(strict=True)
+    )
 
 
 class OrderCreate(BaseModel):

@@ -26,6 +26,7 @@ from lipia.config import Settings
 from lipia.db import Database
 from lipia.errors import (
     AmountMismatch,
+    InvalidPhone,
     OrderAlreadyPaid,
     OrderNotFound,
     PaymentInFlight,
@@ -204,7 +205,14 @@ class PaymentService:
     async def initiate(
         self, *, order_id: str, phone: str, amount: int, client_ip: str | None = None
     ) -> InitiateOutcome:
-        msisdn = normalize_phone(phone)
+        try:
+            msisdn = normalize_phone(phone)
+        except InvalidPhone:
+            # An order that does not exist is the more basic mistake: say that first.
+            async with self.db.read() as session:
+                if await session.get(Order, order_id) is None:
+                    raise OrderNotFound(order_id) from None
+            raise
         token = secrets.token_urlsafe(32)
         limits = PushLimits(
             per_phone=self.settings.push_limit_per_phone,

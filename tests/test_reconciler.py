@@ -1,0 +1,458 @@
+"""The reconciler against the real app and simulator: lost callbacks, pending answers, expiry,
+ambiguous pushes, stale rows, inbox recovery, two instances sharing the work, the in-server loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from lipia.cli import cli
+from lipia.daraja import DarajaClient, StkQueryResult
+from lipia.db import Database
+from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentEvent, PaymentState
+from lipia.payments import PaymentService, find_payment, hash_token, new_payment_id
+from lipia.reconciler import Reconciler
+from lipia.settlement import state_for_result_code
+from tests.conftest import (
+    CANCELLED_PHONE,
+    EXPIRED_PHONE,
+    INSUFFICIENT_PHONE,
+    NO_RESPONSE_PHONE,
+    SILENT_SUCCESS_PHONE,
+    SUCCESS_PHONE,
+    WRONG_PIN_PHONE,
+    RunningServer,
+    ServerFactory,
+)
+
+pytestmark = pytest.mark.anyio
+
+# The reconciler is driven by hand (loop off) and status polls never query, so whatever settles
+# a payment here is the reconciler (or a callback), never the poll path.
+MANUAL: dict[str, Any] = {
+    "reconciler_enabled": False,
+    "status_query_after_seconds": 3600,
+    "reconciler_first_query_after_seconds": 0.1,
+    "reconciler_backoff_seconds": 0.05,
+    "reconciler_max_backoff_seconds": 0.2,
+    "reconciler_max_queries_per_second": 200,
+    "reconciler_expire_after_seconds": 5.0,
+    "reconciler_initiating_grace_seconds": 0.3,
+    "reconciler_inbox_grace_seconds": 0,
+}
+
+
+class CountingClient:
+    """The real Daraja client, counting what goes through it."""
+
+    def __init__(self, inner: DarajaClient, queries: Counter[str] | None = None, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.queries: Counter[str] = Counter() if queries is None else queries
+        self.pushes = 0
+        self.delay = delay
+
+    async def stk_query(self, checkout_request_id: str) -> StkQueryResult:
+        self.queries[checkout_request_id] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)  # widen the window in which two reconcilers overlap
+        return await self.inner.stk_query(checkout_request_id)
+
+    async def stk_push(self, **kwargs: Any) -> Any:
+        self.pushes += 1
+        return await self.inner.stk_push(**kwargs)
+
+
+def reconciler_for(
+    server: RunningServer, *, db: Database | None = None, owner: str | None = None, **kwargs: Any
+) -> tuple[Reconciler, CountingClient]:
+    settings = server.settings.model_copy(update=kwargs.pop("settings", {}))
+    client = CountingClient(server.services.payments.client, **kwargs)
+    db = db or server.services.db
+    payments = PaymentService(db, cast(DarajaClient, client), settings)
+    return Reconciler(db, payments, settings, owner=owner, inbox=server.services.inbox), client
+
+
+async def arm(server: RunningServer, faults: dict[str, Any]) -> None:
+    response = await server.client.post("/daraja/simulator/faults", json=faults)
+    assert response.status_code == 200, response.text
+
+
+async def pay(server: RunningServer, phone: str) -> dict[str, Any]:
+    order = await server.create_order()
+    response = await server.initiate(order, phone)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def payment_row(server: RunningServer, ref: str) -> Payment:
+    async with server.services.db.read() as session:
+        return await find_payment(session, ref)
+
+
+async def events(server: RunningServer, payment_id: str) -> list[PaymentEvent]:
+    async with server.services.db.read() as session:
+        rows = await session.scalars(
+            select(PaymentEvent).where(PaymentEvent.payment_id == payment_id).order_by(PaymentEvent.id)
+        )
+        return list(rows)
+
+
+async def pushes(server: RunningServer) -> dict[str, dict[str, Any]]:
+    return {p["CheckoutRequestID"]: p for p in (await server.ledger())["pushes"]}
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, within: float = 5.0, step: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(step)
+
+
+async def customers_acted(server: RunningServer, checkout_ids: list[str]) -> None:
+    async def acted() -> bool:
+        ledger = await pushes(server)
+        return all(ledger[cid]["state"] == "final" for cid in checkout_ids)
+
+    await until(acted)
+
+
+async def reconcile_until_final(server: RunningServer, reconciler: Reconciler, ref: str) -> Payment:
+    async def final() -> bool:
+        await reconciler.run_once()
+        return not (await payment_row(server, ref)).is_live
+
+    await until(final, step=0.05)
+    return await payment_row(server, ref)
+
+
+async def test_lost_callbacks_are_settled_by_the_reconciler_alone(server_factory: ServerFactory) -> None:
+    phones = [
+        SUCCESS_PHONE,
+        INSUFFICIENT_PHONE,
+        CANCELLED_PHONE,
+        WRONG_PIN_PHONE,
+        NO_RESPONSE_PHONE,
+        EXPIRED_PHONE,
+        SILENT_SUCCESS_PHONE,
+    ]
+    async with server_factory(**MANUAL) as server:
+        await arm(server, {"callback": {"mode": "drop", "times": len(phones)}})
+        ids = [(await pay(server, phone))["CheckoutRequestID"] for phone in phones]
+        await customers_acted(server, ids)
+        reconciler, client = reconciler_for(server)
+
+        for _ in range(20):
+            if not (await reconciler.run_once()).claimed:
+                break
+
+        ledger = await pushes(server)
+        assert not ledger.keys() - set(ids)
+        for cid in ids:
+            payment = await payment_row(server, cid)
+            assert payment.state is state_for_result_code(str(ledger[cid]["result_code"])), cid
+            assert payment.settled_by == "reconciler"
+            assert payment.result_code == str(ledger[cid]["result_code"])
+        # Each was asked about exactly once: the first answer was final.
+        assert client.queries == Counter({cid: 1 for cid in ids})
+        assert client.pushes == 0
+
+        silent = await payment_row(server, ids[-1])
+        assert silent.state is PaymentState.COMPLETED
+        status = (await server.client.get(f"/api/payments/status/{silent.id}")).json()
+        assert (status["status"], status["ResultCode"]) == ("completed", "0")
+        async with server.services.db.read() as session:
+            order = await session.get(Order, silent.order_id)
+        assert order is not None
+        assert order.paid_payment_id == silent.id
+        wrong_pin = (await server.client.get(f"/api/payments/status/{ids[3]}")).json()
+        assert (wrong_pin["status"], wrong_pin["reason"]) == ("failed", "wrong_pin")
+
+
+async def test_query_lag_stays_pending_and_never_expires_early(server_factory: ServerFactory) -> None:
+    async with server_factory(**{**MANUAL, "reconciler_expire_after_seconds": 3.0}) as server:
+        await arm(server, {"callback": {"mode": "drop"}, "query": {"lag_seconds": 1.0}})
+        cid = (await pay(server, SUCCESS_PHONE))["CheckoutRequestID"]
+        reconciler, client = reconciler_for(server)
+
+        payment = await reconcile_until_final(server, reconciler, cid)
+
+        assert payment.state is PaymentState.COMPLETED
+        assert payment.settled_by == "reconciler"
+        queries = [e for e in await events(server, payment.id) if e.kind == "query"]
+        assert [e.detail["state"] for e in queries][-1] == "final"
+        assert {e.detail["state"] for e in queries[:-1]} == {"pending"}
+        assert len(queries) >= 3  # answered "being processed" for a second, asked again with backoff
+        transitions = [e.to_state for e in await events(server, payment.id) if e.kind == "transition"]
+        assert transitions == ["PENDING", "COMPLETED"]
+        assert client.queries[cid] == len(queries)
+
+
+async def test_unanswered_prompt_expires_only_after_one_last_query(server_factory: ServerFactory) -> None:
+    window = 1.2
+    overrides = {**MANUAL, "reconciler_expire_after_seconds": window, "simulator_prompt_timeout_seconds": 30}
+    async with server_factory(**overrides) as server:
+        await arm(server, {"callback": {"mode": "drop"}})
+        cid = (await pay(server, NO_RESPONSE_PHONE))["CheckoutRequestID"]
+        reconciler, _ = reconciler_for(server)
+
+        payment = await reconcile_until_final(server, reconciler, cid)
+
+        assert payment.state is PaymentState.EXPIRED
+        assert payment.pushed_at is not None
+        deadline = payment.pushed_at + timedelta(seconds=window)
+        timeline = await events(server, payment.id)
+        expiry = next(e for e in timeline if e.to_state == "EXPIRED")
+        assert expiry.source == "reconciler"
+        assert expiry.at >= deadline
+        last_query = [e for e in timeline if e.kind == "query" and e.id < expiry.id][-1]
+        assert last_query.at >= deadline
+        assert last_query.detail["state"] == "pending"
+        assert sum(e.kind == "query" for e in timeline) >= 3
+        status = (await server.client.get(f"/api/payments/status/{cid}")).json()
+        assert (status["status"], status["reason"], status["ResultCode"]) == ("failed", "expired", None)
+        assert (await pushes(server))[cid]["state"] == "pending"  # the prompt really is still open
+
+
+async def test_still_under_processing_4999_is_pending_never_a_failure(server_factory: ServerFactory) -> None:
+    async with server_factory(**{**MANUAL, "reconciler_expire_after_seconds": 0.6}) as server:
+        await arm(server, {"callback": {"mode": "drop"}})
+        cid = (await pay(server, CANCELLED_PHONE))["CheckoutRequestID"]
+        reconciler, client = reconciler_for(server)
+
+        async def under_processing(checkout_request_id: str) -> StkQueryResult:
+            client.queries[checkout_request_id] += 1
+            return StkQueryResult(
+                "pending", checkout_request_id, "4999", "The transaction is still under processing"
+            )
+
+        client.stk_query = under_processing  # type: ignore[method-assign]
+        payment = await reconcile_until_final(server, reconciler, cid)
+
+        # Daraja never gave a final code, so the (cancelled) truth is unknown to us: expiry, not failure.
+        assert payment.state is PaymentState.EXPIRED
+        assert payment.result_code is None
+        assert client.queries[cid] >= 2
+
+
+async def test_ambiguous_push_is_pollable_never_resent_and_settled_by_its_callback(
+    server_factory: ServerFactory,
+) -> None:
+    async with server_factory(**MANUAL) as server:
+        await arm(
+            server,
+            {"push": {"mode": "reset_after_accept"}, "callback": {"mode": "delay", "delay_seconds": 0.8}},
+        )
+        body = await pay(server, SUCCESS_PHONE)
+        assert body["CheckoutRequestID"] is None
+        payment_id = body["payment_id"]
+        assert (await payment_row(server, payment_id)).state is PaymentState.UNKNOWN
+        status = (await server.client.get(f"/api/payments/status/{payment_id}")).json()
+        assert status["status"] == "pending"
+        reconciler, client = reconciler_for(server)
+
+        for _ in range(3):
+            assert (await reconciler.run_once()).claimed == 0  # nothing to ask, window not over
+        await until(lambda: _is_final(server, payment_id))
+
+        payment = await payment_row(server, payment_id)
+        assert payment.state is PaymentState.COMPLETED
+        assert payment.settled_by == "callback"
+        assert len(await pushes(server)) == 1
+        assert (client.pushes, sum(client.queries.values())) == (0, 0)
+
+
+async def test_ambiguous_push_with_lost_callback_expires_after_the_window(
+    server_factory: ServerFactory,
+) -> None:
+    window = 0.8
+    async with server_factory(**{**MANUAL, "reconciler_expire_after_seconds": window}) as server:
+        await arm(server, {"push": {"mode": "reset_after_accept"}, "callback": {"mode": "drop"}})
+        payment_id = (await pay(server, CANCELLED_PHONE))["payment_id"]
+        reconciler, client = reconciler_for(server)
+
+        payment = await reconcile_until_final(server, reconciler, payment_id)
+
+        assert payment.state is PaymentState.EXPIRED
+        assert payment.finalized_at is not None
+        assert payment.finalized_at >= payment.created_at + timedelta(seconds=window)
+        assert len(await pushes(server)) == 1
+        assert (client.pushes, sum(client.queries.values())) == (0, 0)
+        status = (await server.client.get(f"/api/payments/status/{payment_id}")).json()
+        assert (status["status"], status["reason"]) == ("failed", "expired")
+
+
+async def test_stale_initiating_row_expires_and_is_never_pushed_or_queried(
+    server_factory: ServerFactory,
+) -> None:
+    async with server_factory(**{**MANUAL, "reconciler_expire_after_seconds": 0.6}) as server:
+        order = await server.create_order()
+        # As if lipia died between committing the row and sending the push.
+        async with server.services.db.write() as session:
+            session.add(
+                Payment(
+                    id=new_payment_id(),
+                    order_id=order["order_id"],
+                    state=PaymentState.INITIATING,
+                    amount=order["total"],
+                    phone="254711000001",
+                    callback_token_hash=hash_token("lost-token"),
+                    account_reference="LPSTALE00001",
+                )
+            )
+        async with server.services.db.read() as session:
+            payment = await session.scalar(select(Payment).where(Payment.order_id == order["order_id"]))
+        assert payment is not None
+        reconciler, client = reconciler_for(server)
+        assert (await reconciler.run_once()).claimed == 0  # its push might still be in flight
+
+        expired = await reconcile_until_final(server, reconciler, payment.id)
+
+        assert expired.state is PaymentState.EXPIRED
+        assert expired.finalized_at is not None
+        assert expired.finalized_at >= expired.created_at + timedelta(seconds=0.6)
+        assert (client.pushes, sum(client.queries.values())) == (0, 0)
+        assert await pushes(server) == {}
+        # The order is free for a new attempt.
+        assert (await server.initiate(order, SUCCESS_PHONE)).status_code == 200
+
+
+async def test_inbox_recovery_and_orphan_rematch(server_factory: ServerFactory) -> None:
+    async with server_factory(**{**MANUAL, "reconciler_first_query_after_seconds": 60}) as server:
+        await arm(server, {"callback": {"mode": "drop", "times": 2}})
+        paid = (await pay(server, SUCCESS_PHONE))["CheckoutRequestID"]
+        cancelled = (await pay(server, CANCELLED_PHONE))["CheckoutRequestID"]
+        await customers_acted(server, [paid, cancelled])
+        ledger = await pushes(server)
+        token = ledger[cancelled]["callback_url"].rsplit("/", 1)[1]
+        async with server.services.db.write() as session:
+            # A bare-path callback that arrived before its CheckoutRequestID was committed...
+            session.add(_inbox_row(paid, 0, ledger[paid], status=CallbackStatus.ORPHAN, path="bare"))
+            session.add(
+                _inbox_row("ws_CO_nobody", 0, ledger[paid], status=CallbackStatus.ORPHAN, path="bare")
+            )
+            # ...and a token-path one acknowledged just before a crash.
+            session.add(
+                _inbox_row(cancelled, 1032, ledger[cancelled], status=CallbackStatus.RECEIVED, token=token)
+            )
+        reconciler, _ = reconciler_for(server)
+
+        report = await reconciler.run_once()
+
+        assert (report.orphans_rematched, report.callbacks_applied) == (1, 1)
+        assert (await payment_row(server, paid)).state is PaymentState.COMPLETED
+        assert (await payment_row(server, cancelled)).state is PaymentState.CANCELLED
+        async with server.services.db.read() as session:
+            rows = {r.checkout_request_id: r for r in await session.scalars(select(CallbackInbox))}
+        assert rows["ws_CO_nobody"].status is CallbackStatus.ORPHAN
+        assert rows[paid].status is not CallbackStatus.ORPHAN
+        assert rows[paid].payment_id == (await payment_row(server, paid)).id
+        assert rows[cancelled].status is CallbackStatus.APPLIED
+        assert (await reconciler.run_once()).orphans_rematched == 0
+
+
+def _inbox_row(
+    cid: str,
+    code: int,
+    push: dict[str, Any],
+    *,
+    status: CallbackStatus,
+    path: str = "token",
+    token: str | None = None,
+) -> CallbackInbox:
+    callback: dict[str, Any] = {
+        "MerchantRequestID": push["MerchantRequestID"],
+        "CheckoutRequestID": cid,
+        "ResultCode": code,
+        "ResultDesc": "ok" if code == 0 else "Request cancelled by user",
+    }
+    if code == 0:
+        items = [
+            {"Name": "Amount", "Value": push["amount"]},
+            {"Name": "MpesaReceiptNumber", "Value": push["receipt"]},
+            {"Name": "TransactionDate", "Value": push["transaction_date"]},
+            {"Name": "PhoneNumber", "Value": int(push["phone"])},
+        ]
+        callback["CallbackMetadata"] = {"Item": items}
+    return CallbackInbox(
+        path=path,
+        token_hash=hash_token(token) if token else None,
+        raw_body=json.dumps({"Body": {"stkCallback": callback}}),
+        checkout_request_id=cid,
+        result_code=str(code),
+        status=status,
+    )
+
+
+async def test_two_reconcilers_never_query_the_same_payment(server_factory: ServerFactory) -> None:
+    count = 8
+    async with server_factory(**MANUAL) as server:
+        await arm(server, {"callback": {"mode": "drop", "times": count}})
+        ids = [(await pay(server, f"2547110000{n:02d}"))["CheckoutRequestID"] for n in range(count)]
+        await customers_acted(server, ids)
+        queries: Counter[str] = Counter()
+        other_db = Database.from_url(server.settings.database_url)  # a second instance: own engine
+        try:
+            small = {"reconciler_batch_size": 2}
+            first, _ = reconciler_for(server, owner="a", queries=queries, delay=0.03, settings=small)
+            second, _ = reconciler_for(
+                server, db=other_db, owner="b", queries=queries, delay=0.03, settings=small
+            )
+
+            reports = await asyncio.gather(first.run_once(), second.run_once())
+
+            assert queries == Counter({cid: 1 for cid in ids})
+            assert sum(r.claimed for r in reports) == count
+            assert all(r.claimed > 0 for r in reports)  # the work really was shared
+            again = await asyncio.gather(first.run_once(), second.run_once())
+            assert [r.claimed for r in again] == [0, 0]
+        finally:
+            await other_db.dispose()
+        for cid in ids:
+            payment = await payment_row(server, cid)
+            assert payment.state is PaymentState.COMPLETED
+            assert (payment.lease_owner, payment.lease_until) == (None, None)
+
+
+async def test_in_server_loop_settles_a_lost_callback_without_any_polling(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lipia")
+    overrides = {**MANUAL, "reconciler_enabled": True, "reconciler_interval_seconds": 0.05}
+    async with server_factory(**overrides) as server:
+        await arm(server, {"callback": {"mode": "drop"}})
+        cid = (await pay(server, SUCCESS_PHONE))["CheckoutRequestID"]
+
+        await until(lambda: _is_final(server, cid))
+
+        payment = await payment_row(server, cid)
+        assert payment.state is PaymentState.COMPLETED
+        assert payment.settled_by == "reconciler"
+    rounds = [r for r in caplog.records if r.getMessage() == "reconcile round"]
+    assert rounds
+    assert sum(r.settled for r in rounds) == 1  # type: ignore[attr-defined]
+    for record in caplog.records:
+        assert all(SUCCESS_PHONE not in str(value) for value in record.__dict__.values())
+
+
+async def _is_final(server: RunningServer, ref: str) -> bool:
+    return not (await payment_row(server, ref)).is_live
+
+
+def test_cli_reconcile_once_prints_a_summary(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIPIA_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+    result = CliRunner().invoke(cli, ["reconcile", "--once"])
+    assert result.exit_code == 0, result.output
+    assert "reconcile round: " in result.output
+    assert "claimed: 0" in result.output
