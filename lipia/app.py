@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp
 
 from lipia import __version__, admin
@@ -103,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await http.aclose()
             await db.dispose()
 
-    app = FastAPI(
+    # Docs assets served by lipia itself (fastapi-offline): /docs works with no internet.
+    app = FastAPIOffline(
         title="lipia",
         version=__version__,
         description="M-Pesa STK Push checkout backend for ordering apps.",

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from lipia.config import Settings
 from lipia.logs import configure_logging
@@ -15,6 +16,18 @@ cli = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; unsafe or invalid values end the command with what to fix."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            typer.echo(f"lipia: {'LIPIA_' + where.upper() + ': ' if where else ''}{message}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _secrets(settings: Settings) -> list[str]:
@@ -37,7 +50,7 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = load_settings(**overrides)
     configure_logging(settings.log_level, json_lines=settings.log_json, secrets=_secrets(settings))
 
     from lipia.app import create_app
@@ -84,7 +97,7 @@ def reconcile(
 
     from lipia.reconciler import run_standalone
 
-    settings = Settings()
+    settings = load_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, secrets=_secrets(settings))
     report = asyncio.run(run_standalone(settings, once=once))
     if report is not None:
