@@ -62,13 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             timeout_seconds=settings.daraja_timeout_seconds,
             transport=transport,
         )
-        client = DarajaClient(
-            http,
-            consumer_key=settings.consumer_key.get_secret_value(),
-            consumer_secret=settings.consumer_secret.get_secret_value(),
-            shortcode=settings.shortcode,
-            passkey=settings.passkey.get_secret_value(),
-        )
+        client = DarajaClient.from_settings(http, settings)
         runner = BackgroundRunner()
         payments = PaymentService(db, client, settings)
         inbox = CallbackInboxService(

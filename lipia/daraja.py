@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
@@ -56,6 +56,10 @@ __all__ = [
     "build_http_client",
     "clean_text",
 ]
+
+
+if TYPE_CHECKING:
+    from lipia.config import Settings
 
 logger = logging.getLogger("lipia.daraja")
 
@@ -300,6 +304,17 @@ class DarajaClient:
     def __repr__(self) -> str:
         # Deliberately omits key, secret, passkey and token.
         return f"DarajaClient(base_url={str(self._http.base_url)!r}, shortcode={self._shortcode!r})"
+
+    @classmethod
+    def from_settings(cls, http: httpx.AsyncClient, settings: Settings) -> DarajaClient:
+        """The client for lipia's configured Daraja app (credentials, shortcode, passkey)."""
+        return cls(
+            http,
+            consumer_key=settings.consumer_key.get_secret_value(),
+            consumer_secret=settings.consumer_secret.get_secret_value(),
+            shortcode=settings.shortcode,
+            passkey=settings.passkey.get_secret_value(),
+        )
 
     # --- OAuth --------------------------------------------------------------------------------
 

@@ -440,13 +440,7 @@ async def run_standalone(settings: Settings, *, once: bool) -> RoundReport | Non
     db = Database.from_url(settings.database_url)
     await db.create_all()
     http = build_http_client(settings.daraja_url, timeout_seconds=settings.daraja_timeout_seconds)
-    client = DarajaClient(
-        http,
-        consumer_key=settings.consumer_key.get_secret_value(),
-        consumer_secret=settings.consumer_secret.get_secret_value(),
-        shortcode=settings.shortcode,
-        passkey=settings.passkey.get_secret_value(),
-    )
+    client = DarajaClient.from_settings(http, settings)
     reconciler = Reconciler(db, PaymentService(db, client, settings), settings)
     try:
         if once:
