@@ -16,14 +16,14 @@ logger = logging.getLogger("lipia.background")
 
 class BackgroundRunner:
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, object], *, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception(), extra={"task": task.get_name()})

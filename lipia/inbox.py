@@ -52,7 +52,7 @@ class CallbackInboxService:
         self,
         db: Database,
         *,
-        confirm: Callable[[str], Awaitable[None]] | None = None,
+        confirm: Callable[[str], Awaitable[object]] | None = None,
         confirm_by_query: bool = False,
     ) -> None:
         self.db = db
@@ -118,7 +118,9 @@ class CallbackInboxService:
 
     async def _apply_stored(self, inbox_id: int) -> tuple[CallbackStatus, str | None]:
         async with self.db.write() as session:
-            entry = await session.get(CallbackInbox, inbox_id)
+            # Locked on PostgreSQL so two instances never apply the same row (SQLite's write
+            # transaction already serialises them).
+            entry = await session.get(CallbackInbox, inbox_id, with_for_update=True)
             if entry is None or entry.status is not CallbackStatus.RECEIVED:
                 return (entry.status if entry else CallbackStatus.INVALID), None
             parsed = parse_callback_bytes(entry.raw_body.encode("utf-8"))

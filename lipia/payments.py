@@ -386,17 +386,20 @@ class PaymentService:
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def query_and_apply(self, payment_id: str, *, source: str = "query") -> None:
+    async def query_and_apply(
+        self, payment_id: str, *, source: str = "query"
+    ) -> daraja.StkQueryResult | None:
         """Ask Daraja for the outcome and apply a final answer.
 
         A success reported by a token-addressed callback and waiting for confirmation is applied
         with the callback's receipt, amount and phone once the query agrees; if the query says
-        the payment failed, the contradiction goes to review.
+        the payment failed, the contradiction goes to review. Returns Daraja's answer, or None
+        when Daraja could not be asked.
         """
         async with self.db.read() as session:
             payment = await session.get(Payment, payment_id)
         if payment is None or payment.checkout_request_id is None:
-            return
+            return None
         try:
             result = await self.client.stk_query(payment.checkout_request_id)
         except daraja.DarajaError as exc:
@@ -404,7 +407,7 @@ class PaymentService:
                 "stk query failed",
                 extra={"payment_id": payment_id, "error": type(exc).__name__, "error_code": exc.error_code},
             )
-            return
+            return None
         async with self.db.write() as session:
             payment = await session.get(Payment, payment_id)
             assert payment is not None
@@ -414,9 +417,9 @@ class PaymentService:
                 "result_desc": result.result_desc,
             }
             record_event(session, payment, kind="query", source=source, detail=detail)
-            if result.state != "final" or result.result_code is None:
-                return
-            await _apply_query_answer(session, payment, result, source=source)
+            if result.state == "final" and result.result_code is not None:
+                await _apply_query_answer(session, payment, result, source=source)
+        return result
 
 
 async def _apply_query_answer(

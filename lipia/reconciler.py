@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -47,7 +47,6 @@ from lipia.models import (
     CallbackInbox,
     CallbackStatus,
     Payment,
-    PaymentEvent,
     PaymentState,
     utcnow,
 )
@@ -360,27 +359,9 @@ class Reconciler:
             )
 
     async def _query(self, payment_id: str) -> str | None:
-        """Query through the payment service; the answer's shape is read back from the timeline."""
-        async with self.db.read() as session:
-            before = await session.scalar(
-                select(func.max(PaymentEvent.id)).where(PaymentEvent.payment_id == payment_id)
-            )
-        await self.payments.query_and_apply(payment_id, source=SOURCE)
-        async with self.db.read() as session:
-            detail = await session.scalar(
-                select(PaymentEvent.detail)
-                .where(
-                    PaymentEvent.payment_id == payment_id,
-                    PaymentEvent.kind == "query",
-                    PaymentEvent.source == SOURCE,
-                    PaymentEvent.id > (before or 0),
-                )
-                .order_by(PaymentEvent.id.desc())
-                .limit(1)
-            )
-        # No event: the query failed (timeout, Daraja error); query_and_apply logged it.
-        state = detail.get("state") if isinstance(detail, dict) else None
-        return state if isinstance(state, str) else None
+        """Daraja's answer ("pending" or "final"), or None when it could not be asked."""
+        result = await self.payments.query_and_apply(payment_id, source=SOURCE)
+        return result.state if result is not None else None
 
     def _may_expire(self, payment: Payment, answer: str | None, now: datetime) -> bool:
         if payment.checkout_request_id is None or payment.state is PaymentState.INITIATING:
