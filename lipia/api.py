@@ -55,8 +55,9 @@ def get_services(request: Request) -> Services:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
-# Every endpoint documents the one error envelope for invalid input (not FastAPI's default shape).
-router = APIRouter(responses=error_responses(422))
+# Every endpoint documents the one error envelope for invalid input (not FastAPI's default shape);
+# 400 is a body that is not JSON at all.
+router = APIRouter(responses=error_responses(400, 422))
 
 
 # -- menu and orders -----------------------------------------------------------------------

@@ -135,7 +135,7 @@ class ErrorResponse(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Bad request.",
+    400: "The body is not valid JSON (`MalformedBody`) or a header is malformed.",
     401: "Missing or wrong admin token.",
     403: "Refused.",
     404: "Not found.",
@@ -179,7 +179,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        name = {400: "MalformedBody", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            exc.status_code, "HTTPError"
+        )
         return JSONResponse(
             error_body(name, exc.detail), status_code=exc.status_code, headers=getattr(exc, "headers", None)
         )
