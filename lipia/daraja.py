@@ -367,8 +367,10 @@ class DarajaClient:
         body = _json_object(response)
         access_token = body.get("access_token") if body else None
         ttl = _seconds(body.get("expires_in")) if body else None
-        if not isinstance(access_token, str) or not access_token or ttl is None or ttl <= 0:
+        if not isinstance(access_token, str) or not access_token or ttl is None or ttl < 0:
             raise DarajaAuthError("token endpoint returned HTTP 200 without a usable token", http_status=200)
+        # expires_in "0" (a lifetime under a second): good for the call in hand, due for refresh
+        # before the next one (refresh_at below is then `started`).
 
         # A token shorter-lived than twice the margin would be "due for refresh" on arrival;
         # refresh such tokens halfway through their life instead, so a 30 s token still works.

@@ -167,11 +167,18 @@ class CallbackInboxService:
 
     @staticmethod
     def _request_confirmation(payment: Payment) -> str | None:
-        if payment.state in LIVE_STATES or payment.state is PaymentState.EXPIRED:
-            payment.confirmation_requested_at = utcnow()
-            payment.next_query_at = payment.confirmation_requested_at
-            return payment.id
-        return None
+        """Mark ``payment`` as waiting for a confirming query; its id if this call should run it.
+
+        Duplicates of the same callback share the first one's query (still running, or left to
+        the reconciler, which picks up every payment with a confirmation requested).
+        """
+        if payment.state not in LIVE_STATES and payment.state is not PaymentState.EXPIRED:
+            return None
+        if payment.confirmation_requested_at is not None:
+            return None
+        payment.confirmation_requested_at = utcnow()
+        payment.next_query_at = payment.confirmation_requested_at
+        return payment.id
 
     async def _match(
         self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback

@@ -448,9 +448,10 @@ async def _apply_query_answer(
         reason = f"callback reported success but STK Query says {result.result_code}"
         await send_to_review(session, payment, query_evidence, reason)
     now = utcnow()
+    verdict = "confirmed" if result.result_code == "0" else "contradicted"
     for entry in awaiting:
         entry.status = CallbackStatus.APPLIED
-        entry.note = f"confirmed by STK Query: ResultCode {result.result_code}"
+        entry.note = f"{verdict} by STK Query: ResultCode {result.result_code}"
         entry.processed_at = now
     payment.confirmation_requested_at = None
 
