@@ -263,3 +263,23 @@ async def payment_timeline(
             for c in inbox
         ]
     return PaymentTimeline(payment=admin_payment(payment), events=timeline, callbacks=callbacks)
+
+
+@router.post(
+    "/payments/{payment_ref}/reconcile",
+    response_model=PaymentTimeline,
+    responses=error_responses(404),
+)
+async def reconcile_payment(payment_ref: str, services: ServicesDep) -> PaymentTimeline:
+    """Ask Daraja about this payment now (one STK Query) and apply a final answer.
+
+    For the operator told "I paid but it still says pending": no need to wait for the
+    reconciler's next round. A payment without a CheckoutRequestID cannot be queried; the
+    answer is then just its timeline.
+    """
+    if len(payment_ref) > 80:
+        raise PaymentNotFound(payment_ref[:80] + "...")
+    async with services.db.read() as session:
+        payment = await find_payment(session, payment_ref)
+    await services.payments.query_and_apply(payment.id, source="admin")
+    return await payment_timeline(payment.id, services)

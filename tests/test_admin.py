@@ -209,3 +209,24 @@ def test_phone_masking_in_raw_text_spares_other_numbers() -> None:
     assert "0712****678" in masked
     for kept in ("20261126120000", "ws_CO_191220191020363925", "29115-34620561-1"):
         assert kept in masked
+
+
+async def test_force_reconcile_settles_a_payment_whose_callback_was_lost(server_factory) -> None:
+    async with server_factory(admin_token=TOKEN) as server:
+        response = await server.client.post("/daraja/simulator/faults", json={"callback": {"mode": "drop"}})
+        assert response.status_code == 200
+        order = await server.create_order()
+        checkout_id = (await server.initiate(order, "254708374149")).json()["CheckoutRequestID"]
+        await server.client.post(f"/daraja/simulator/pushes/{checkout_id}/act")
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+
+        unauthorised = await server.client.post(f"/api/admin/payments/{checkout_id}/reconcile")
+        forced = await server.client.post(f"/api/admin/payments/{checkout_id}/reconcile", headers=headers)
+
+        assert unauthorised.status_code == 401
+        assert forced.status_code == 200
+        body = forced.json()
+        assert body["payment"]["state"] == "COMPLETED"
+        assert [e["source"] for e in body["events"] if e["kind"] == "query"] == ["admin"]
+        missing = await server.client.post("/api/admin/payments/nope/reconcile", headers=headers)
+        assert missing.status_code == 404
