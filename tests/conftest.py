@@ -101,7 +101,7 @@ def fast_settings(tmp_path: Path, port: int, **overrides: Any) -> Settings:
         "push_limit_per_ip": 1000,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @asynccontextmanager
