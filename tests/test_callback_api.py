@@ -29,7 +29,7 @@ async def push_for(server: RunningServer, checkout_id: str) -> dict[str, Any]:
 
 def callback_body(
     checkout_id: str,
-    code: int | str,
+    code: int | str | float,
     *,
     receipt: str = "TST0000001",
     amount: float = 1.0,

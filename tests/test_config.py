@@ -25,7 +25,7 @@ def test_reads_lipia_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIPIA_PORT", "6001")
     monkeypatch.setenv("LIPIA_DATABASE_URL", "sqlite+aiosqlite:///x.db")
     monkeypatch.setenv("LIPIA_CORS_ORIGINS", '["https://shop.example"]')
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.port == 6001
     assert settings.database_url == "sqlite+aiosqlite:///x.db"
     assert settings.cors_origins == ["https://shop.example"]
@@ -34,7 +34,7 @@ def test_reads_lipia_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_embedded_defaults_need_nothing() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.is_simulator
     assert settings.unsafe_live_settings() == []
     assert settings.confirms_by_query is False
@@ -84,7 +84,7 @@ def test_production_refuses_the_sandbox_shortcode_and_passkey() -> None:
 
 def test_every_problem_is_listed_at_once() -> None:
     with pytest.raises(ValidationError) as info:
-        Settings(_env_file=None, daraja_env="production")  # type: ignore[call-arg]
+        Settings(_env_file=None, daraja_env="production")
     text = str(info.value)
     for variable in ("LIPIA_PUBLIC_URL", "LIPIA_CONSUMER_KEY", "LIPIA_CONSUMER_SECRET", "LIPIA_ADMIN_TOKEN"):
         assert variable in text

@@ -251,7 +251,7 @@ async def test_forgeries_in_bulk_never_pay_and_never_5xx(server_factory: ServerF
         targets = [
             await pending_payment(server, phone) for phone in ("254711000001", "254711000002", "0111000003")
         ]
-        requests = []
+        requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         for order, checkout_id in targets:
             push = await push_for(server, checkout_id)
             for code in (0, "0", 0.0):

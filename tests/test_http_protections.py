@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -58,7 +59,9 @@ async def test_request_bodies_over_the_limit_get_413(server_factory: ServerFacto
         big = {"items": [{"menu_item_id": "chips", "quantity": 1}], "note": "x" * 10_000}
         declared = await server.client.post("/api/orders", json=big)
 
-        async def chunks():  # no Content-Length: the limit is enforced while streaming
+        async def chunks() -> AsyncIterator[
+            bytes
+        ]:  # no Content-Length: the limit is enforced while streaming
             yield b'{"items": [], "note": "'
             for _ in range(10):
                 yield b"y" * 1000
