@@ -152,19 +152,25 @@ async def initiate_payment(
     """
     ip = services.client_ip(request)
     if idempotency_key is None:
-        return await _initiate(body, services, ip)
+        return await _initiate(body, services, ip, None)
     return await idempotency.idempotent(
         services.db,
         scope=idempotency.SCOPE_INITIATE,
         key=idempotency_key,
         request=idempotency.initiate_request(order_id=body.order_id, phone=body.phone, amount=body.amount),
-        run=lambda: _initiate(body, services, ip),
+        run=lambda: _initiate(body, services, ip, idempotency_key),
     )
 
 
-async def _initiate(body: InitiateRequest, services: Services, client_ip: str | None) -> InitiateResponse:
+async def _initiate(
+    body: InitiateRequest, services: Services, client_ip: str | None, idempotency_key: str | None
+) -> InitiateResponse:
     outcome = await services.payments.initiate(
-        order_id=body.order_id, phone=body.phone, amount=int(body.amount), client_ip=client_ip
+        order_id=body.order_id,
+        phone=body.phone,
+        amount=int(body.amount),
+        client_ip=client_ip,
+        idempotency_key=idempotency_key,
     )
     payment = outcome.payment
     accepted = payment.checkout_request_id is not None

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from lipia.callbacks import ParsedCallback, parse_callback_bytes
 from lipia.db import Database
 from lipia.errors import InvalidCallback
+from lipia.initiation import hash_token
 from lipia.models import LIVE_STATES, CallbackInbox, CallbackStatus, Payment, PaymentState, utcnow
-from lipia.payments import hash_token
 from lipia.redact import mask_phone
 from lipia.settlement import apply_evidence, evidence_from_callback, record_event
 

@@ -207,6 +207,8 @@ class Payment(Base):
     # The poll path's shared STK Query: the next moment any poller may trigger one.
     next_query_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     query_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The client's Idempotency-Key for the request that made this payment: one push per key.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     # The address that asked for this push (per-IP push limits).
     client_ip: Mapped[str | None] = mapped_column(String(64))
     # Set while a reported success waits for STK Query confirmation (cleared when settled).

@@ -9,10 +9,8 @@ token-addressed callback (or the reconciler) settles it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
-import string
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,21 +23,17 @@ from lipia.callbacks import parse_callback_bytes
 from lipia.config import Settings
 from lipia.db import Database
 from lipia.errors import (
-    AmountMismatch,
     InvalidPhone,
-    OrderAlreadyPaid,
     OrderNotFound,
     PaymentInFlight,
     PaymentNotFound,
     PaymentProviderError,
-    TooManyRequests,
 )
+from lipia.initiation import NewPayment, PushLimits, open_payment
 from lipia.models import (
-    LIVE_STATES,
     CallbackInbox,
     CallbackStatus,
     Order,
-    OrderStatus,
     Payment,
     PaymentState,
     utcnow,
@@ -57,22 +51,8 @@ from lipia.settlement import (
 
 logger = logging.getLogger("lipia.payments")
 
-_REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
 # States in which an STK Query can still change the outcome and we hold a CheckoutRequestID.
 _QUERYABLE = (PaymentState.PENDING, PaymentState.UNKNOWN)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_payment_id() -> str:
-    return "pay_" + secrets.token_hex(8)
-
-
-def new_account_reference() -> str:
-    # Shown to the customer in the prompt and on the receipt SMS; Daraja allows 12 characters.
-    return "LP" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(10))
 
 
 @dataclass(frozen=True)
@@ -93,107 +73,6 @@ async def find_payment(session: AsyncSession, ref: str) -> Payment:
     return payment
 
 
-async def _live_payment(session: AsyncSession, order_id: str) -> Payment | None:
-    return await session.scalar(
-        select(Payment).where(Payment.order_id == order_id, Payment.state.in_(LIVE_STATES))
-    )
-
-
-@dataclass(frozen=True)
-class PushLimits:
-    """Push-spam limits (reliability.md M7): pushes per phone and per client IP in a window."""
-
-    per_phone: int
-    per_ip: int
-    window: timedelta
-
-
-async def _check_push_limits(
-    session: AsyncSession, *, msisdn: str, client_ip: str | None, limits: PushLimits
-) -> None:
-    # Counted in the database, so every instance shares the same limits.
-    since = utcnow() - limits.window
-    checks = [(Payment.phone == msisdn, limits.per_phone, f"phone {mask_phone(msisdn)}")]
-    if client_ip:
-        checks.append((Payment.client_ip == client_ip, limits.per_ip, "your address"))
-    for condition, limit, subject in checks:
-        recent = list(
-            await session.scalars(
-                select(Payment.created_at)
-                .where(condition, Payment.created_at >= since)
-                .order_by(Payment.created_at.desc())
-                .limit(limit)
-            )
-        )
-        if len(recent) >= limit:
-            retry_after = (recent[-1] + limits.window - utcnow()).total_seconds()
-            raise TooManyRequests(
-                f"Too many M-Pesa prompts for {subject}: at most {limit} every "
-                f"{int(limits.window.total_seconds() // 60)} minutes. Try again later.",
-                retry_after_seconds=int(retry_after) + 1,
-            )
-
-
-async def _open_payment(
-    session: AsyncSession,
-    *,
-    order_id: str,
-    msisdn: str,
-    amount: int,
-    token: str,
-    client_ip: str | None,
-    limits: PushLimits,
-) -> tuple[Payment, bool]:
-    order = await session.get(Order, order_id)
-    if order is None:
-        raise OrderNotFound(order_id)
-    if order.status is OrderStatus.PAID:
-        raise OrderAlreadyPaid(f"Order {order_id} is already paid.")
-    if amount != order.total:
-        raise AmountMismatch(
-            f"Amount KES {amount} does not match order {order_id}'s total of KES {order.total}."
-        )
-    live = await _live_payment(session, order_id)
-    if live is not None:
-        if live.phone != msisdn:
-            raise PaymentInFlight(
-                f"An M-Pesa prompt for order {order_id} is already waiting on {mask_phone(live.phone)}; "
-                "wait for it to finish before paying from another number."
-            )
-        return live, False
-    busy_phone = await session.scalar(
-        select(Payment.order_id).where(Payment.phone == msisdn, Payment.state.in_(LIVE_STATES))
-    )
-    if busy_phone is not None:
-        raise PaymentInFlight(
-            f"{mask_phone(msisdn)} already has an M-Pesa prompt waiting for another order; "
-            "finish or cancel it first."
-        )
-    await _check_push_limits(session, msisdn=msisdn, client_ip=client_ip, limits=limits)
-    payment = Payment(
-        id=new_payment_id(),
-        order_id=order_id,
-        state=PaymentState.INITIATING,
-        amount=amount,
-        currency=order.currency,
-        phone=msisdn,
-        callback_token_hash=hash_token(token),
-        account_reference=new_account_reference(),
-        client_ip=client_ip,
-    )
-    session.add(payment)
-    await session.flush()
-    record_event(
-        session,
-        payment,
-        kind="created",
-        source="initiate",
-        to_state=PaymentState.INITIATING,
-        detail={"amount": amount, "phone": mask_phone(msisdn)},
-    )
-    return payment, True
-
-
 class PaymentService:
     def __init__(self, db: Database, client: daraja.DarajaClient, settings: Settings) -> None:
         self.db = db
@@ -203,7 +82,13 @@ class PaymentService:
     # -- initiate -------------------------------------------------------------------------
 
     async def initiate(
-        self, *, order_id: str, phone: str, amount: int, client_ip: str | None = None
+        self,
+        *,
+        order_id: str,
+        phone: str,
+        amount: int,
+        client_ip: str | None = None,
+        idempotency_key: str | None = None,
     ) -> InitiateOutcome:
         try:
             msisdn = normalize_phone(phone)
@@ -219,9 +104,15 @@ class PaymentService:
             per_ip=self.settings.push_limit_per_ip,
             window=timedelta(seconds=self.settings.push_limit_window_seconds),
         )
-        payment, created = await self._create_payment(
-            order_id=order_id, msisdn=msisdn, amount=amount, token=token, client_ip=client_ip, limits=limits
+        new = NewPayment(
+            order_id=order_id,
+            msisdn=msisdn,
+            amount=amount,
+            token=token,
+            client_ip=client_ip,
+            idempotency_key=idempotency_key,
         )
+        payment, created = await self._create_payment(new, limits)
         if not created:
             if payment.state is PaymentState.INITIATING:
                 payment = await self._await_push_answer(payment.id)
@@ -244,34 +135,17 @@ class PaymentService:
                 )
             await asyncio.sleep(0.05)
 
-    async def _create_payment(
-        self,
-        *,
-        order_id: str,
-        msisdn: str,
-        amount: int,
-        token: str,
-        client_ip: str | None,
-        limits: PushLimits,
-    ) -> tuple[Payment, bool]:
-        """Phase 1: commit the INITIATING row, or find the order's live payment (then False)."""
+    async def _create_payment(self, new: NewPayment, limits: PushLimits) -> tuple[Payment, bool]:
+        """Phase 1: commit the INITIATING row, or find the payment that answers this request."""
         for _ in range(2):
             try:
                 async with self.db.write() as session:
-                    return await _open_payment(
-                        session,
-                        order_id=order_id,
-                        msisdn=msisdn,
-                        amount=amount,
-                        token=token,
-                        client_ip=client_ip,
-                        limits=limits,
-                    )
+                    return await open_payment(session, new, limits)
             except IntegrityError:
-                # Another request created the order's live payment between our read and insert;
-                # the unique index refused ours. Go round once more to return theirs.
+                # Another request created the order's (or phone's, or key's) payment between our
+                # read and insert; a unique index refused ours. Go round once more to find theirs.
                 continue
-        raise PaymentInFlight(f"Another payment for order {order_id} is being started; try again.")
+        raise PaymentInFlight(f"Another payment for order {new.order_id} is being started; try again.")
 
     async def _push(self, payment: Payment, token: str) -> InitiateOutcome:
         payment_id = payment.id
@@ -336,8 +210,14 @@ class PaymentService:
                 "http_status": exc.http_status,
             }
             if payment.state is PaymentState.INITIATING:
+                # Provably refused: no prompt went out, so the Idempotency-Key has not spent its
+                # one push and a retry with it may push.
                 values = (
-                    {"result_code": exc.error_code, "result_desc": _safe_message(exc)}
+                    {
+                        "result_code": exc.error_code,
+                        "result_desc": _safe_message(exc),
+                        "idempotency_key": None,
+                    }
                     if state is PaymentState.FAILED
                     else {}
                 )

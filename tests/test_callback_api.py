@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from lipia.initiation import hash_token
 from lipia.models import CallbackInbox, CallbackStatus, Payment, PaymentEvent, PaymentState
-from lipia.payments import find_payment, hash_token
+from lipia.payments import find_payment
 from tests.conftest import CANCELLED_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
 
 pytestmark = pytest.mark.anyio

@@ -118,8 +118,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lipia.daraja import DarajaClient, StkQueryResult
+from lipia.initiation import hash_token, new_payment_id
 from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentEvent, PaymentState
-from lipia.payments import PaymentService, find_payment, hash_token, new_payment_id
+from lipia.payments import PaymentService, find_payment
 from lipia.reconciler import Reconciler
 from tests.conftest import NO_RESPONSE_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
 from tests.test_callback_api import callback_body

@@ -24,7 +24,7 @@ from lipia.idempotency import (
     initiate_request,
     purge_expired,
 )
-from lipia.models import IdempotencyKey, utcnow
+from lipia.models import IdempotencyKey, Payment, PaymentState, utcnow
 from tests.conftest import SUCCESS_PHONE, RunningServer
 
 pytestmark = pytest.mark.anyio
@@ -251,6 +251,36 @@ async def test_expired_in_flight_key_is_taken_over(server: RunningServer) -> Non
     (row,) = await key_rows(server)
     assert (row.status, row.response_status, row.locked_until) == (COMPLETED, 200, None)
     assert (await post(server, body_for(order), key)).content == response.content
+
+
+async def test_a_key_never_pushes_twice_even_after_its_payment_expired(server: RunningServer) -> None:
+    """The first request died after its push went out (the payment was later expired, as the
+    reconciler does when no answer came); the client retries with the same key. That key already
+    spent its one push: the retry gets that payment back, never a second prompt (found by the
+    chaos run: a customer paid twice)."""
+    await server.client.post("/daraja/simulator/faults", json={"callback": {"mode": "drop", "times": 1}})
+    order = await server.create_order()
+    key = new_key()
+    first = await post(server, body_for(order), key)
+    assert first.status_code == 200
+    payment_id = first.json()["payment_id"]
+    async with server.services.db.write() as session:
+        # As after a crash mid-request: the key is still in flight with a dead lock, and the
+        # payment has been expired (inferred) while the money in fact moved.
+        row = await session.get(IdempotencyKey, (SCOPE_INITIATE, key))
+        assert row is not None
+        row.status, row.response_status, row.response_body = IN_FLIGHT, None, None
+        row.locked_until = utcnow() - timedelta(seconds=5)
+        payment = await session.get(Payment, payment_id)
+        assert payment is not None
+        payment.state = PaymentState.EXPIRED
+
+    retry = await post(server, body_for(order), key)
+
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["payment_id"] == payment_id
+    assert retry.json()["status"] == "failed"
+    assert await push_count(server) == 1
 
 
 async def test_key_held_by_a_live_request_answers_409(server: RunningServer) -> None:

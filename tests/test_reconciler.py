@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from lipia.cli import cli
 from lipia.daraja import DarajaClient, StkQueryResult
 from lipia.db import Database
+from lipia.initiation import hash_token, new_payment_id
 from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentEvent, PaymentState
-from lipia.payments import PaymentService, find_payment, hash_token, new_payment_id
+from lipia.payments import PaymentService, find_payment
 from lipia.reconciler import Reconciler
 from lipia.settlement import state_for_result_code
 from tests.conftest import (
