@@ -130,8 +130,10 @@ class PaymentService:
             if payment.state is not PaymentState.INITIATING:
                 return payment
             if asyncio.get_running_loop().time() > deadline:
+                # Retry-After: a "try again" answer, so an Idempotency-Key never stores it as final.
                 raise PaymentInFlight(
-                    "The M-Pesa prompt for this order is still being sent; try again shortly."
+                    "The M-Pesa prompt for this order is still being sent; try again shortly.",
+                    headers={"Retry-After": "2"},
                 )
             await asyncio.sleep(0.05)
 
@@ -145,7 +147,10 @@ class PaymentService:
                 # Another request created the order's (or phone's, or key's) payment between our
                 # read and insert; a unique index refused ours. Go round once more to find theirs.
                 continue
-        raise PaymentInFlight(f"Another payment for order {new.order_id} is being started; try again.")
+        raise PaymentInFlight(
+            f"Another payment for order {new.order_id} is being started; try again.",
+            headers={"Retry-After": "1"},
+        )
 
     async def _push(self, payment: Payment, token: str) -> InitiateOutcome:
         payment_id = payment.id

@@ -206,37 +206,39 @@ def _outcome_values(evidence: Evidence) -> dict[str, Any]:
     }
 
 
+async def _success_conflict(session: AsyncSession, payment: Payment, evidence: Evidence) -> str | None:
+    """Why this success report cannot be taken as it stands, or None if it agrees with the payment."""
+    if evidence.receipt and payment.mpesa_receipt_number and evidence.receipt != payment.mpesa_receipt_number:
+        return "second receipt for one payment"
+    if not _amount_matches(payment, evidence):
+        return "paid amount differs from the payment amount"
+    if not _phone_matches(payment, evidence):
+        return "paying phone differs from the payment phone"
+    if await _receipt_taken(session, payment, evidence.receipt):
+        return "receipt already used by another payment"
+    return None
+
+
 async def _apply_success(session: AsyncSession, payment: Payment, evidence: Evidence) -> bool:
     state = PaymentState(payment.state)
+    if state in FINAL_FAILURE_STATES and state is not PaymentState.EXPIRED:
+        return await send_to_review(
+            session, payment, evidence, f"success reported after {state.value.lower()}"
+        )
+    conflict = await _success_conflict(session, payment, evidence)
+    if conflict is not None:
+        # Kept on the timeline for a person to decide. A payment already paid stays paid for the
+        # customer (its order too); see status.public_outcome.
+        return await send_to_review(session, payment, evidence, conflict)
     if state is PaymentState.COMPLETED:
-        if (
-            evidence.receipt
-            and payment.mpesa_receipt_number
-            and evidence.receipt != payment.mpesa_receipt_number
-        ):
-            return await send_to_review(session, payment, evidence, "second receipt for one payment")
-        if (
-            evidence.receipt
-            and not payment.mpesa_receipt_number
-            and not await _receipt_taken(session, payment, evidence.receipt)
-        ):
-            # A query settled it first; the callback brings the receipt.
+        if evidence.receipt and not payment.mpesa_receipt_number:
+            # A query settled it first; the callback brings the receipt (checked above).
             payment.mpesa_receipt_number = evidence.receipt
             payment.paid_amount = int(evidence.amount) if evidence.amount is not None else payment.paid_amount
             payment.paid_phone = evidence.phone or payment.paid_phone
             payment.transaction_date = evidence.transaction_date or payment.transaction_date
         record_event(session, payment, kind="duplicate", source=evidence.source, detail=evidence.detail())
         return True
-    if state in FINAL_FAILURE_STATES and state is not PaymentState.EXPIRED:
-        return await send_to_review(
-            session, payment, evidence, f"success reported after {state.value.lower()}"
-        )
-    if not _amount_matches(payment, evidence):
-        return await send_to_review(session, payment, evidence, "paid amount differs from the payment amount")
-    if not _phone_matches(payment, evidence):
-        return await send_to_review(session, payment, evidence, "paying phone differs from the payment phone")
-    if await _receipt_taken(session, payment, evidence.receipt):
-        return await send_to_review(session, payment, evidence, "receipt already used by another payment")
 
     values = {
         **_outcome_values(evidence),

@@ -43,6 +43,7 @@ _MESSAGES = {
     "limit": "M-Pesa declined the payment because of a transaction limit.",
     "needs_review": "We could not confirm this payment automatically. Please do not pay again; "
     "our staff will check it.",
+    "completed_needs_review": "Payment received. Thank you! Our staff will double-check one detail.",
     "failed": "The payment did not go through. You can try again.",
 }
 
@@ -69,6 +70,10 @@ def public_outcome(payment: Payment) -> PublicOutcome:
         # Inferred by us, not reported by Daraja: there is no Daraja code to show.
         return PublicOutcome("failed", "expired", None)
     if state is PaymentState.NEEDS_REVIEW:
+        if code == "0":
+            # It was paid and verified before the conflicting evidence came: the money arrived
+            # and the order stays paid, so the customer sees success; staff see the review.
+            return PublicOutcome("completed", "needs_review", "0")
         # Never "0" next to a non-success status: no field may contradict another.
         return PublicOutcome("failed", "needs_review", None)
     reason = _REASON_BY_CODE.get(code or "", code or "failed")
@@ -117,7 +122,10 @@ class PaymentStatusResponse(BaseModel):
 def status_response(payment: Payment) -> PaymentStatusResponse:
     outcome = public_outcome(payment)
     final = outcome.status != "pending"
-    message = _MESSAGES.get(outcome.reason or outcome.status, _MESSAGES["failed"])
+    key = outcome.reason or outcome.status
+    if outcome.status == "completed" and outcome.reason:
+        key = f"completed_{outcome.reason}"
+    message = _MESSAGES.get(key, _MESSAGES["failed"])
     receipt = payment.mpesa_receipt_number if outcome.status == "completed" else None
     return PaymentStatusResponse(
         status=outcome.status,

@@ -216,9 +216,13 @@ async def test_second_receipt_for_a_paid_payment_goes_to_review(server: RunningS
     payment = await payment_row(server, checkout_id)
     assert payment.state is PaymentState.NEEDS_REVIEW
     assert payment.mpesa_receipt_number == push["receipt"]
+    # Paid before the conflict: the order stays paid and the customer still sees success.
     status = (await server.client.get(f"/api/payments/status/{checkout_id}")).json()
-    assert status["status"] == "failed"
+    assert status["status"] == "completed"
     assert status["reason"] == "needs_review"
+    assert status["ResultCode"] == "0"
+    order_now = (await server.client.get(f"/api/orders/{order['order_id']}")).json()
+    assert order_now["status"] == "paid"
 
 
 async def test_failure_after_success_never_downgrades(server: RunningServer) -> None:

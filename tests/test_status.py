@@ -192,7 +192,8 @@ STATE_TABLE: list[tuple[PaymentState, str | None, str, str | None, str | None]] 
     (PaymentState.EXPIRED, None, "failed", "expired", None),
     (PaymentState.NEEDS_REVIEW, None, "failed", "needs_review", None),
     # A review after a verified success keeps the stored "0": it must not show next to "failed".
-    (PaymentState.NEEDS_REVIEW, "0", "failed", "needs_review", None),
+    # Reviewed after it was paid: the money arrived, so the customer keeps seeing success.
+    (PaymentState.NEEDS_REVIEW, "0", "completed", "needs_review", "0"),
     # Push refused by Daraja (the sync error code is stored as the result code).
     (PaymentState.FAILED, None, "failed", "failed", None),
     (PaymentState.FAILED, "400.002.02", "failed", "400.002.02", "400.002.02"),

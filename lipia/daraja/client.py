@@ -1,20 +1,9 @@
-"""Client for Safaricom's Daraja API: OAuth, M-Pesa Express (STK Push) and STK Push Query.
+"""The Daraja client: OAuth token cache, M-Pesa Express (STK Push) and STK Push Query.
 
-The client wraps an injected ``httpx.AsyncClient`` (whose ``base_url`` picks sandbox, production
-or the simulator) and speaks only in its own result types and exceptions. Protocol facts are from
-``reference/daraja.md``; section numbers below refer to it.
-
-Our exception hierarchy. Every class carries ``http_status``, ``error_code``, ``error_message``
-and ``request_id`` where Daraja supplied them, and never a secret:
-
-* DarajaError
-  + DarajaAuthError          - no usable access token; no product request was processed.
-  + DarajaRejected           - HTTP 4xx or a non-"0" ResponseCode; not processed, do not retry as is.
-  + DarajaBusy               - 500.003.02 spike arrest / 500.003.03 quota; not processed, retry later.
-  + DarajaConfigError        - 500.001.1001 "Wrong credentials" / "Merchant does not exist".
-  + DarajaSubscriberLocked   - 500.001.1001 "Unable to lock subscriber"; not processed, retry in >= 1 min.
-  + DarajaAmbiguous          - outcome unknown; a push that raised this must never be re-sent.
-  + DarajaUnavailable        - the request never left (connect failure); not processed.
+``DarajaClient`` wraps an injected ``httpx.AsyncClient`` (whose ``base_url`` picks sandbox,
+production or the simulator; ``build_http_client`` makes one) and speaks only in its own result
+types and exceptions. Protocol facts are from ``reference/daraja.md``; section numbers below
+refer to it.
 
 Transport failures are translated in exactly one place, ``DarajaClient._send``, with
 ``raise ... from exc`` so the httpx cause stays attached.
@@ -29,34 +18,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import httpx
 
 from lipia.clock import Clock, NairobiClock, daraja_timestamp
 from lipia.redact import mask_phone
 
-__all__ = [
-    "DarajaAmbiguous",
-    "DarajaAuthError",
-    "DarajaBusy",
-    "DarajaClient",
-    "DarajaConfigError",
-    "DarajaError",
-    "DarajaRejected",
-    "DarajaSubscriberLocked",
-    "DarajaUnavailable",
-    "StkPushAccepted",
-    "StkQueryResult",
-    "build_http_client",
-    "clean_text",
-]
-
+from .errors import DarajaAmbiguous, DarajaAuthError, DarajaError, DarajaUnavailable, _copy_error
+from .wire import (
+    StkPushAccepted,
+    StkQueryResult,
+    _envelope,
+    _envelope_fields,
+    _json_object,
+    _parse_push,
+    _parse_query,
+    _seconds,
+    _token_error,
+    _token_rejected,
+)
 
 if TYPE_CHECKING:
     from lipia.config import Settings
@@ -73,147 +58,6 @@ ACCOUNT_REFERENCE_MAX = 12
 TRANSACTION_DESC_MAX = 13
 _UNSAFE_TEXT = re.compile(r"[^A-Za-z0-9 \-]")
 _PHONE = re.compile(r"254[0-9]{9}")  # [0-9], not \d: \d also matches non-ASCII digits
-_FIELD = re.compile(r"Bad Request - Invalid (\w+)")
-# 401.003.01 "no apiproduct match found" and kin: the gateway refused the token (§3.2).
-_TOKEN_REJECTED_401 = re.compile(r"^401\.\d{3}\.01$")
-_BUSY_CODES = frozenset({"500.003.02", "500.003.03"})
-# The query's "still in flight" answer (§4.2).
-_QUERY_PENDING_RESULT = "4999"
-
-
-# --- Exceptions -------------------------------------------------------------------------------
-
-
-class DarajaError(Exception):
-    """Base class for every error the Daraja client raises."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.http_status = http_status
-        self.error_code = error_code
-        self.error_message = error_message
-        self.request_id = request_id
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.message!r}, http_status={self.http_status!r}, "
-            f"error_code={self.error_code!r}, request_id={self.request_id!r})"
-        )
-
-
-class DarajaAuthError(DarajaError):
-    """No usable access token, so no product request was processed.
-
-    Raised when the token endpoint refuses us (wrong consumer key/secret: HTTP 400 with an empty
-    body; bad auth scheme ``400.008.01``; bad grant type ``400.008.02``), answers 200 with a body
-    that has no usable token, or when a product API rejects a freshly fetched token a second
-    time (``404.001.03`` / ``401.00x.01`` twice in a row, e.g. the app is not subscribed to the
-    product, or another instance keeps invalidating our token).
-    """
-
-
-class DarajaRejected(DarajaError):
-    """Daraja refused the request outright; it was provably not processed. Do not retry as is.
-
-    Raised on HTTP 4xx (with or without an error envelope, e.g. ``400.002.02 Bad Request -
-    Invalid PhoneNumber``) and on HTTP 200 whose ``ResponseCode`` is not ``"0"``. ``field`` is
-    the Daraja field named by ``"Bad Request - Invalid <field>"``, when present.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            http_status=http_status,
-            error_code=error_code,
-            error_message=error_message,
-            request_id=request_id,
-        )
-        match = _FIELD.search(error_message or "")
-        self.field: str | None = match.group(1) if match else None
-
-
-class DarajaBusy(DarajaError):
-    """The gateway shed the request (``500.003.02`` spike arrest / system busy, ``500.003.03``
-    quota, or HTTP 429). Rejected before processing; retry later with backoff."""
-
-
-class DarajaConfigError(DarajaError):
-    """``500.001.1001`` "Wrong credentials" / "Merchant does not exist": shortcode, passkey or
-    Timestamp do not match what Daraja expects. Not processed; fix the configuration."""
-
-
-class DarajaSubscriberLocked(DarajaError):
-    """``500.001.1001`` "Unable to lock subscriber": the customer already has an STK/USSD session
-    open. This push was not processed; a new one may succeed after at least a minute."""
-
-
-class DarajaAmbiguous(DarajaError):
-    """The outcome is unknown: the request may have been processed.
-
-    Raised when the request left but no trustworthy answer came back: read/write timeout,
-    connection reset or remote disconnect, a 5xx without a parseable Daraja error envelope,
-    ``500.003.1001`` internal error, a redirect, or an unparseable 200 body.
-
-    **A push that raised this MUST NOT be re-sent, by anyone** (reliability.md R2): the prompt
-    may already be on the customer's phone, and a second push is a second payment. Resolve it by
-    callback or reconciliation. For STK Query this simply means "ask again later".
-    """
-
-
-class DarajaUnavailable(DarajaError):
-    """The request never reached Daraja (connection refused, DNS failure, connect or pool
-    timeout; or the token request itself failed in transit). Provably not processed; retry later."""
-
-
-# --- Results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StkPushAccepted:
-    """Daraja accepted the push for processing (§3.1). Says nothing yet about payment."""
-
-    merchant_request_id: str
-    checkout_request_id: str
-    response_code: str
-    response_description: str
-    customer_message: str
-
-
-@dataclass(frozen=True, slots=True)
-class StkQueryResult:
-    """One STK Push Query answer (§4).
-
-    ``state == "final"``: ``result_code`` is the payment's final ResultCode as a string (``"0"``
-    paid; anything else failed, see §6). ``state == "pending"``: no answer yet, ask again later;
-    this covers HTTP 500 ``500.001.1001`` "being processed" (or an empty message) and HTTP 200
-    ``ResultCode "4999"``. ``not_found`` is set when Daraja said "The transaction does not Exist":
-    that is inconclusive (§4.3), never evidence that the payment failed.
-    """
-
-    state: Literal["final", "pending"]
-    checkout_request_id: str
-    result_code: str | None = None
-    result_desc: str | None = None
-    merchant_request_id: str | None = None
-    response_code: str | None = None
-    not_found: bool = False
 
 
 # --- HTTP client factory ----------------------------------------------------------------------
@@ -250,15 +94,6 @@ def build_http_client(
 class _Token:
     value: str
     refresh_at: float  # on the client's monotonic clock
-
-
-@dataclass(frozen=True, slots=True)
-class _Envelope:
-    """Daraja's error body: ``{"requestId", "errorCode", "errorMessage"}`` (§3.2)."""
-
-    error_code: str
-    error_message: str | None
-    request_id: str | None
 
 
 class DarajaClient:
@@ -565,7 +400,7 @@ class DarajaClient:
         return response
 
 
-# --- Response parsing -------------------------------------------------------------------------
+# --- Request text -----------------------------------------------------------------------------
 
 
 def clean_text(value: str, limit: int) -> str:
@@ -573,208 +408,7 @@ def clean_text(value: str, limit: int) -> str:
     return _UNSAFE_TEXT.sub("", value)[:limit].strip()
 
 
-def _parse_push(response: httpx.Response) -> StkPushAccepted:
-    status = response.status_code
-    if 200 <= status < 300:
-        body = _json_object(response)
-        if body is None:
-            raise DarajaAmbiguous(
-                f"stk_push: HTTP {status} with an unparseable body; outcome unknown", http_status=status
-            )
-        response_code = _code(body.get("ResponseCode"))
-        description = _text(body.get("ResponseDescription"))
-        if response_code is not None and response_code != "0":
-            raise DarajaRejected(
-                f"stk_push: ResponseCode {response_code}: {description}",
-                http_status=status,
-                error_code=response_code,
-                error_message=description,
-            )
-        merchant_request_id = _text(body.get("MerchantRequestID"))
-        checkout_request_id = _text(body.get("CheckoutRequestID"))
-        if response_code is None or not merchant_request_id or not checkout_request_id:
-            # Possibly accepted, but without a CheckoutRequestID we cannot even query it.
-            raise DarajaAmbiguous(
-                f"stk_push: HTTP {status} without the acceptance fields; outcome unknown", http_status=status
-            )
-        return StkPushAccepted(
-            merchant_request_id=merchant_request_id,
-            checkout_request_id=checkout_request_id,
-            response_code=response_code,
-            response_description=description or "",
-            customer_message=_text(body.get("CustomerMessage")) or "",
-        )
-    raise _error_for(response, "stk_push")
-
-
-def _parse_query(response: httpx.Response, checkout_request_id: str) -> StkQueryResult:
-    status = response.status_code
-    if 200 <= status < 300:
-        body = _json_object(response)
-        if body is None:
-            raise DarajaAmbiguous(f"stk_query: HTTP {status} with an unparseable body", http_status=status)
-        result_code = _code(body.get("ResultCode"))
-        # §11: final answers are 200 with a ResultCode other than 4999; anything else is "not yet".
-        final = result_code is not None and result_code != _QUERY_PENDING_RESULT
-        return StkQueryResult(
-            state="final" if final else "pending",
-            checkout_request_id=_text(body.get("CheckoutRequestID")) or checkout_request_id,
-            result_code=result_code,
-            result_desc=_text(body.get("ResultDesc")),
-            merchant_request_id=_text(body.get("MerchantRequestID")),
-            response_code=_code(body.get("ResponseCode")),
-        )
-
-    envelope = _envelope(response)
-    if status >= 500 and envelope is not None and envelope.error_code == "500.001.1001":
-        message = (envelope.error_message or "").lower()
-        if not _is_config_message(message):
-            # §4.2/§4.3: the query's 500.001.1001 means "no answer this time", whatever the
-            # message -- including "does not exist", which is inconclusive, not a failure.
-            return StkQueryResult(
-                state="pending",
-                checkout_request_id=checkout_request_id,
-                result_desc=envelope.error_message or None,
-                not_found="not exist" in message,
-            )
-    raise _error_for(response, "stk_query")
-
-
-def _error_for(response: httpx.Response, endpoint: str) -> DarajaError:
-    """Classify a non-200 product response (§3.2). Unknown shapes are ambiguous, never safe."""
-    status = response.status_code
-    envelope = _envelope(response)
-    fields = _envelope_fields(response, envelope)
-    code = envelope.error_code if envelope else None
-    described = f"{endpoint}: HTTP {status}" + (
-        f" {code} {envelope.error_message or ''}".rstrip() if envelope else ""
-    )
-
-    if code in _BUSY_CODES or status == 429:
-        return DarajaBusy(described, **fields)
-    if 400 <= status < 500:
-        return DarajaRejected(described, **fields)
-    if status >= 500 and code == "500.001.1001" and envelope is not None:
-        message = (envelope.error_message or "").lower()
-        if "lock subscriber" in message:
-            return DarajaSubscriberLocked(described, **fields)
-        if _is_config_message(message):
-            return DarajaConfigError(described, **fields)
-    # 5xx without a known envelope, 500.003.1001 internal error, 500.001.1001 with any other
-    # message, redirects and other oddities: the request may have been acted on.
-    return DarajaAmbiguous(described + "; outcome unknown", **fields)
-
-
-def _token_error(response: httpx.Response) -> DarajaError:
-    status = response.status_code
-    envelope = _envelope(response)
-    fields = _envelope_fields(response, envelope)
-    if status in (400, 401) and not response.content.strip():
-        # §1.2: wrong key/secret is a bare 400 "Bad Request: Invalid Credentials".
-        return DarajaAuthError("invalid consumer key or secret", **fields)
-    if (envelope is not None and envelope.error_code in _BUSY_CODES) or status == 429:
-        return DarajaBusy(f"oauth: HTTP {status} busy", **fields)
-    if 400 <= status < 500:
-        detail = f" {envelope.error_code} {envelope.error_message or ''}".rstrip() if envelope else ""
-        return DarajaAuthError(f"oauth: HTTP {status}{detail}", **fields)
-    # The token endpoint is down or odd; no product request was sent either way.
-    return DarajaUnavailable(f"oauth: HTTP {status}", **fields)
-
-
-def _token_rejected(response: httpx.Response) -> bool:
-    envelope = _envelope(response)
-    if envelope is None:
-        return False
-    if response.status_code == 404:
-        return envelope.error_code == "404.001.03"
-    if response.status_code == 401:
-        return bool(_TOKEN_REJECTED_401.match(envelope.error_code))
-    return False
-
-
-def _is_config_message(message: str) -> bool:
-    # "Merchant does not exist" must be checked before any generic "does not exist" match.
-    return "wrong credentials" in message or "merchant does not exist" in message
-
-
-def _envelope(response: httpx.Response) -> _Envelope | None:
-    body = _json_object(response)
-    if body is None:
-        return None
-    code = _code(body.get("errorCode"))
-    if code is None:
-        return None
-    return _Envelope(
-        error_code=code,
-        error_message=_text(body.get("errorMessage")),
-        request_id=_text(body.get("requestId")),
-    )
-
-
-def _envelope_fields(response: httpx.Response, envelope: _Envelope | None) -> dict[str, Any]:
-    return {
-        "http_status": response.status_code,
-        "error_code": envelope.error_code if envelope else None,
-        "error_message": envelope.error_message if envelope else None,
-        "request_id": envelope.request_id if envelope else None,
-    }
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
-    if not response.content:
-        return None
-    try:
-        body = response.json()
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _code(value: object) -> str | None:
-    """Daraja sends codes as strings or numbers depending on endpoint and era (§4.1)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return None
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _seconds(value: object) -> float | None:
-    """``expires_in`` is ``"3599"`` on the wire and ``3599`` in the docs (§1.2)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        try:
-            seconds = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return seconds if math.isfinite(seconds) else None
-
-
-def _copy_error(exc: DarajaError) -> DarajaError:
-    return type(exc)(
-        exc.message,
-        http_status=exc.http_status,
-        error_code=exc.error_code,
-        error_message=exc.error_message,
-        request_id=exc.request_id,
-    )
+# --- Logging ----------------------------------------------------------------------------------
 
 
 def _elapsed_ms(started: float) -> int:
