@@ -119,11 +119,11 @@ from sqlalchemy.exc import IntegrityError
 
 from lipia.daraja import DarajaClient, StkQueryResult
 from lipia.initiation import hash_token, new_payment_id
-from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentEvent, PaymentState
-from lipia.payments import PaymentService, find_payment
+from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentState
+from lipia.payments import PaymentService
 from lipia.reconciler import Reconciler
 from tests.conftest import NO_RESPONSE_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
-from tests.test_callback_api import callback_body
+from tests.helpers import arm, callback_body, events, inbox_rows, payment_row
 
 pytestmark = pytest.mark.anyio
 
@@ -148,22 +148,12 @@ FLAG = "verified success after inferred expiry"
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def arm(server: RunningServer, faults: dict[str, Any]) -> None:
-    response = await server.client.post("/daraja/simulator/faults", json=faults)
-    assert response.status_code == 200, response.text
-
-
 async def pushes(server: RunningServer) -> dict[str, dict[str, Any]]:
     return {p["CheckoutRequestID"]: p for p in (await server.ledger())["pushes"]}
 
 
 async def ledger_callbacks(server: RunningServer, checkout_id: str) -> list[dict[str, Any]]:
     return [c for c in (await server.ledger())["callbacks"] if c["CheckoutRequestID"] == checkout_id]
-
-
-async def payment_row(server: RunningServer, ref: str) -> Payment:
-    async with server.services.db.read() as session:
-        return await find_payment(session, ref)
 
 
 async def payments_of(server: RunningServer, order_id: str) -> list[Payment]:
@@ -181,26 +171,8 @@ async def order_row(server: RunningServer, order_id: str) -> Order:
     return order
 
 
-async def events(server: RunningServer, payment_id: str) -> list[PaymentEvent]:
-    async with server.services.db.read() as session:
-        rows = await session.scalars(
-            select(PaymentEvent).where(PaymentEvent.payment_id == payment_id).order_by(PaymentEvent.id)
-        )
-        return list(rows)
-
-
 async def transitions(server: RunningServer, payment_id: str) -> list[str | None]:
     return [e.to_state for e in await events(server, payment_id) if e.kind == "transition"]
-
-
-async def inbox_rows(server: RunningServer, checkout_id: str) -> list[CallbackInbox]:
-    async with server.services.db.read() as session:
-        rows = await session.scalars(
-            select(CallbackInbox)
-            .where(CallbackInbox.checkout_request_id == checkout_id)
-            .order_by(CallbackInbox.id)
-        )
-        return list(rows)
 
 
 async def admin_timeline(server: RunningServer, ref: str) -> dict[str, Any]:

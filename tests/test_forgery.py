@@ -15,7 +15,7 @@ import pytest
 
 from lipia.models import CallbackStatus, PaymentState
 from tests.conftest import NO_RESPONSE_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
-from tests.test_callback_api import (
+from tests.helpers import (
     arm,
     callback_body,
     inbox_rows,

@@ -26,6 +26,7 @@ from lipia.idempotency import (
 )
 from lipia.models import IdempotencyKey, Payment, PaymentState, utcnow
 from tests.conftest import SUCCESS_PHONE, RunningServer
+from tests.helpers import arm
 
 pytestmark = pytest.mark.anyio
 
@@ -53,11 +54,6 @@ async def push_count(server: RunningServer) -> int:
 async def key_rows(server: RunningServer) -> list[IdempotencyKey]:
     async with server.services.db.read() as session:
         return list(await session.scalars(select(IdempotencyKey).order_by(IdempotencyKey.created_at)))
-
-
-async def arm(server: RunningServer, faults: dict[str, Any]) -> None:
-    response = await server.client.post("/daraja/simulator/faults", json=faults)
-    assert response.status_code == 200, response.text
 
 
 # -- fingerprint --------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from lipia.cli import cli
 from lipia.daraja import DarajaClient, StkQueryResult
 from lipia.db import Database
 from lipia.initiation import hash_token, new_payment_id
-from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentEvent, PaymentState
-from lipia.payments import PaymentService, find_payment
+from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentState
+from lipia.payments import PaymentService
 from lipia.reconciler import Reconciler
 from lipia.settlement import state_for_result_code
 from tests.conftest import (
@@ -34,6 +34,7 @@ from tests.conftest import (
     RunningServer,
     ServerFactory,
 )
+from tests.helpers import arm, events, payment_row
 
 pytestmark = pytest.mark.anyio
 
@@ -82,30 +83,12 @@ def reconciler_for(
     return Reconciler(db, payments, settings, owner=owner, inbox=server.services.inbox), client
 
 
-async def arm(server: RunningServer, faults: dict[str, Any]) -> None:
-    response = await server.client.post("/daraja/simulator/faults", json=faults)
-    assert response.status_code == 200, response.text
-
-
 async def pay(server: RunningServer, phone: str) -> dict[str, Any]:
     order = await server.create_order()
     response = await server.initiate(order, phone)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-async def payment_row(server: RunningServer, ref: str) -> Payment:
-    async with server.services.db.read() as session:
-        return await find_payment(session, ref)
-
-
-async def events(server: RunningServer, payment_id: str) -> list[PaymentEvent]:
-    async with server.services.db.read() as session:
-        rows = await session.scalars(
-            select(PaymentEvent).where(PaymentEvent.payment_id == payment_id).order_by(PaymentEvent.id)
-        )
-        return list(rows)
 
 
 async def pushes(server: RunningServer) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from tests.conftest import (
     RunningServer,
     ServerFactory,
 )
-from tests.test_callback_api import arm, callback_body, push_for
+from tests.helpers import arm, callback_body, push_for
 
 pytestmark = pytest.mark.anyio
 
