@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, or_, select
 
 from lipia.api import ServicesDep
-from lipia.errors import PaymentNotFound, Unauthorized, error_responses
+from lipia.errors import Unauthorized, error_responses
 from lipia.models import CallbackInbox, CallbackStatus, Payment, PaymentEvent, PaymentState
 from lipia.payments import find_payment
 from lipia.redact import mask_phone
@@ -220,8 +220,6 @@ async def payment_timeline(
     Callbacks are those applied to it, addressed to its callback token (even if refused), or
     naming its CheckoutRequestID.
     """
-    if len(payment_ref) > 80:
-        raise PaymentNotFound(payment_ref[:80] + "...")
     async with services.db.read() as session:
         payment = await find_payment(session, payment_ref)
         # The id is autoincrement and events are only appended: id order is the order they happened.
@@ -277,8 +275,6 @@ async def reconcile_payment(payment_ref: str, services: ServicesDep) -> PaymentT
     reconciler's next round. A payment without a CheckoutRequestID cannot be queried; the
     answer is then just its timeline.
     """
-    if len(payment_ref) > 80:
-        raise PaymentNotFound(payment_ref[:80] + "...")
     async with services.db.read() as session:
         payment = await find_payment(session, payment_ref)
     await services.payments.query_and_apply(payment.id, source="admin")

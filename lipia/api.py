@@ -17,7 +17,7 @@ from lipia.background import BackgroundRunner
 from lipia.callbacks import MAX_ID_NUMBER
 from lipia.config import Settings
 from lipia.db import Database
-from lipia.errors import CallbackSourceRefused, ErrorResponse, PaymentNotFound, error_body, error_responses
+from lipia.errors import CallbackSourceRefused, ErrorResponse, error_body, error_responses
 from lipia.inbox import MAX_STORED_BODY, CallbackInboxService
 from lipia.menu import Menu
 from lipia.orders import OrderCreate, OrderOut, create_order, get_order
@@ -334,8 +334,6 @@ async def mpesa_callback(request: Request, services: ServicesDep, background: Ba
 )
 async def payment_status(payment_ref: str, services: ServicesDep) -> PaymentStatusResponse:
     """Status by CheckoutRequestID or lipia payment id, in the shape the frontend polls for."""
-    if len(payment_ref) > 80:
-        raise PaymentNotFound(payment_ref[:80] + "...")
     async with services.db.read() as session:
         payment = await find_payment(session, payment_ref)
     if await services.payments.claim_stale_query(payment):

@@ -63,8 +63,15 @@ class InitiateOutcome:
     customer_message: str
 
 
+# CheckoutRequestID column width; lipia's own ids are shorter.
+MAX_PAYMENT_REF = 80
+
+
 async def find_payment(session: AsyncSession, ref: str) -> Payment:
     """A payment by its CheckoutRequestID or by lipia's own payment id."""
+    if len(ref) > MAX_PAYMENT_REF:
+        # No id is this long; don't send it to the database or echo it back whole.
+        raise PaymentNotFound(ref[:MAX_PAYMENT_REF] + "...")
     payment = await session.scalar(
         select(Payment).where(or_(Payment.checkout_request_id == ref, Payment.id == ref))
     )
