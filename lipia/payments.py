@@ -63,6 +63,8 @@ class InitiateOutcome:
     customer_message: str
 
 
+LIVE_PROMPT_MESSAGE = "An M-Pesa prompt for this order is already on its way; enter your PIN on your phone."
+
 # CheckoutRequestID column width; lipia's own ids are shorter.
 MAX_PAYMENT_REF = 80
 
@@ -123,7 +125,7 @@ class PaymentService:
         if not created:
             if payment.state is PaymentState.INITIATING:
                 payment = await self._await_push_answer(payment.id)
-            return InitiateOutcome(payment, pushed=False, customer_message=_live_message(payment))
+            return InitiateOutcome(payment, pushed=False, customer_message=LIVE_PROMPT_MESSAGE)
         return await self._push(payment, token)
 
     async def _await_push_answer(self, payment_id: str) -> Payment:
@@ -346,10 +348,6 @@ async def _apply_query_answer(
         entry.note = f"{verdict} by STK Query: ResultCode {result.result_code}"
         entry.processed_at = now
     payment.confirmation_requested_at = None
-
-
-def _live_message(payment: Payment) -> str:
-    return "An M-Pesa prompt for this order is already on its way; enter your PIN on your phone."
 
 
 def _safe_message(exc: daraja.DarajaError) -> str:
