@@ -401,12 +401,19 @@ class PaymentLifecycle(RuleBasedStateMachine):
                     f"{payment.id} met a success but is {payment.state}"
                 )
 
-        # I2: one credited payment per order, and the order says so. Credited: COMPLETED, or sent
-        # to review after it was COMPLETED (ResultCode "0" kept): the money arrived, the order
-        # stays paid and the customer still sees success while staff review the conflict.
+        # I2: one credited payment per order, and the order says so. Credited: COMPLETED, or the
+        # order's paying payment sent to review after it was COMPLETED (ResultCode "0" kept): the
+        # money arrived, the order stays paid and the customer still sees success while staff
+        # review. A second success for an already paid order also keeps "0" but goes to review
+        # without ever crediting the order: that one is not counted.
         completed: dict[str, list[str]] = defaultdict(list)
+        paid_by = {order.paid_payment_id for order in orders if order.paid_payment_id}
         for payment in payments:
-            was_paid = payment.state is PaymentState.NEEDS_REVIEW and payment.result_code == "0"
+            was_paid = (
+                payment.state is PaymentState.NEEDS_REVIEW
+                and payment.result_code == "0"
+                and payment.id in paid_by
+            )
             if payment.state is PaymentState.COMPLETED or was_paid:
                 completed[payment.order_id].append(payment.id)
         for order in orders:
