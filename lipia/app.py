@@ -6,24 +6,31 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp
 
-from lipia import __version__, admin
-from lipia.api import Services, router
-from lipia.background import BackgroundRunner
+from lipia import __version__
 from lipia.config import SIMULATOR_MOUNT, Settings
-from lipia.daraja import DarajaClient, build_http_client
-from lipia.db import Database
 from lipia.errors import install_error_handlers
-from lipia.inbox import CallbackInboxService
-from lipia.menu import load_menu
-from lipia.payments import PaymentService
-from lipia.reconciler import Reconciler
-from lipia.security import BodySizeLimit, CallbackSourceCheck, SecurityHeaders, parse_networks
+from lipia.http import admin, callbacks, checkout, health, initiate, metrics, shop, status
+from lipia.http import events as event_routes
+from lipia.http.cors import Cors, CorsPolicy, own_origin
+from lipia.http.live_status import LiveConnections
+from lipia.http.ratelimit import RequestLimits
+from lipia.http.security import (
+    BodySizeLimit,
+    CallbackSourceCheck,
+    InternalErrorGuard,
+    SecurityHeaders,
+    parse_networks,
+)
+from lipia.http.services import Services
+from lipia.http.status_polls import answer_polls_first
+from lipia.observability.health import DarajaAuthCheck
+from lipia.observability.metrics import describe_build
+from lipia.runtime import open_runtime
+from lipia.shop.menu import load_menu
 from lipia.simulator import SimulatorConfig, create_simulator
 
 logger = logging.getLogger("lipia.app")
@@ -54,52 +61,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database.from_url(settings.database_url)
-        await db.create_all()
-        transport = httpx.ASGITransport(app=simulator) if simulator is not None else None
-        http = build_http_client(
-            "http://daraja.simulator" if simulator is not None else settings.daraja_url,
-            timeout_seconds=settings.daraja_timeout_seconds,
-            transport=transport,
-        )
-        client = DarajaClient.from_settings(http, settings)
-        runner = BackgroundRunner()
-        payments = PaymentService(db, client, settings)
-        inbox = CallbackInboxService(
-            db,
-            confirm=lambda payment_id: payments.query_and_apply(payment_id, source="confirmation"),
-            confirm_by_query=settings.confirms_by_query,
-        )
-        app.state.services = Services(
-            settings=settings,
-            db=db,
-            menu=menu,
-            payments=payments,
-            inbox=inbox,
-            runner=runner,
-            trusted_proxies=trusted_proxies,
-            callback_sources=CallbackSourceCheck(settings.callback_source_policy, allowed_callback_ips),
-        )
-        recovered = await inbox.apply_pending()
-        if recovered:
-            logger.info("applied callbacks stored before a restart", extra={"count": recovered})
-        reconciler = Reconciler(db, payments, settings, inbox=inbox) if settings.reconciler_enabled else None
-        if reconciler is not None:
-            reconciler.start()
-        try:
-            yield
-        finally:
-            # First: it uses the Daraja client and the database closed below.
-            if reconciler is not None:
-                await reconciler.aclose()
-            await runner.aclose()
-            if simulator is not None:
-                await simulator.state.simulator.aclose()  # type: ignore[attr-defined]
-            await http.aclose()
-            await db.dispose()
+        async with open_runtime(settings, simulator=simulator) as runtime:
+            app.state.services = Services(
+                settings=settings,
+                db=runtime.db,
+                menu=menu,
+                payments=runtime.payments,
+                inbox=runtime.inbox,
+                runner=runtime.runner,
+                trusted_proxies=trusted_proxies,
+                callback_sources=CallbackSourceCheck(settings.callback_source_policy, allowed_callback_ips),
+                limits=RequestLimits.from_settings(settings),
+                reconciler=runtime.reconciler,
+                daraja_auth=DarajaAuthCheck(runtime.daraja),
+                status_feed=runtime.status_feed,
+                status_reads=runtime.status_reads,
+                live_connections=LiveConnections(
+                    per_client=settings.live_status_connections_per_ip,
+                    total=settings.live_status_max_connections,
+                ),
+            )
+            try:
+                yield
+            finally:
+                if simulator is not None:
+                    await simulator.state.simulator.aclose()  # type: ignore[attr-defined]
 
     # Docs assets served by lipia itself (fastapi-offline): /docs works with no internet.
     app = FastAPIOffline(
+        # A trailing-slash redirect would build its Location from the client's Host header;
+        # errors.install_error_handlers answers such paths with a relative redirect instead.
+        redirect_slashes=False,
         title="lipia",
         version=__version__,
         description="M-Pesa STK Push checkout backend for ordering apps.",
@@ -108,18 +100,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     callback_prefix = "/api/payments/mpesa/callback"
     # Outermost last: security headers wrap everything, including the errors below them.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, exempt_prefixes=(callback_prefix,))
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Idempotency-Key", "Authorization"],
-            allow_credentials=False,
-        )
-    app.add_middleware(SecurityHeaders, hsts=settings.base_url.startswith("https://"))
-    app.include_router(router)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        exempt_prefixes=(callback_prefix,),
+        read_timeout_seconds=settings.body_read_timeout_seconds,
+    )
+    # An unexpected exception becomes the usual JSON 500 inside SecurityHeaders, so even a bug's
+    # answer carries the headers (Starlette's own last-resort handler sits outside every
+    # middleware).
+    app.add_middleware(InternalErrorGuard)
+    # Outside the guard, so a browser app can read every error lipia answers, a 500 included.
+    # Always there: in a mode that allows no origin it still tells refused ones what to set.
+    app.add_middleware(
+        Cors, policy=CorsPolicy.from_settings(settings), own_origin=own_origin(settings.base_url)
+    )
+    hsts = settings.base_url.startswith("https://")
+    app.add_middleware(SecurityHeaders, hsts=hsts)
+    # Outside every middleware, sending the same headers: the plain status poll.
+    answer_polls_first(app, hsts=hsts)
+    for routes in (shop, initiate, callbacks, status):
+        app.include_router(routes.router)
+    app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
+    describe_build(settings.daraja_env.value)
+    app.include_router(event_routes.router)
+    # The checkout page (GET /) and its files, lipia-checkout.js among them.
+    app.include_router(checkout.router)
+    app.mount(checkout.STATIC_PATH, checkout.static_files(), name="static")
     if simulator is not None:
         app.mount(SIMULATOR_MOUNT, simulator)
     app.state.settings = settings

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from lipia.db import error_name, is_unavailable
+
 logger = logging.getLogger("lipia.background")
 
 
@@ -25,8 +27,17 @@ class BackgroundRunner:
 
     def _done(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background task failed", exc_info=task.exception(), extra={"task": task.get_name()})
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if exc is not None and is_unavailable(exc):
+            # An outage, not a bug; what the task was doing is retried by the reconciler.
+            logger.warning(
+                "background task: database unavailable",
+                extra={"task": task.get_name(), "error": error_name(exc)},
+            )
+            return
+        logger.error("background task failed", exc_info=exc, extra={"task": task.get_name()})
 
     async def wait_idle(self) -> None:
         """Wait until every task spawned so far has finished (tests and graceful shutdown)."""

@@ -1,4 +1,4 @@
-"""lipia's one explicit clock, pinned to Africa/Nairobi (reliability.md R11, M10).
+"""lipia's one explicit clock, pinned to Africa/Nairobi.
 
 Daraja's ``Timestamp`` is Nairobi wall-clock time and is baked into the ``Password``, so it must
 never come from the host's local time zone: a server in Frankfurt or on UTC would otherwise send

@@ -1,33 +1,31 @@
-"""``Idempotency-Key`` for POST endpoints (reliability.md R3, §1.1-§1.2; Stripe and the IETF draft).
+"""The idempotency-key store: a request runs at most once per (scope, key), and every retry gets
+its first answer back.
 
-A client that may retry a request (a timeout, a dropped connection, a double tap) sends the same
-``Idempotency-Key`` each time. The first request with a key claims it: a row ``in_flight`` with
-the request's fingerprint and a lock, committed in its own transaction *before* the work runs.
-When the work ends, its status code and JSON body are stored and the row is ``completed``.
+The first request with a key claims it: a row ``in_flight`` with the request's fingerprint and a
+lock, committed in its own transaction *before* the work runs. When the work ends, its status
+code and JSON body are stored and the row is ``completed``. Later requests with the key:
 
-Later requests with the key:
-
-* same fingerprint, completed: the stored status and body, byte for byte, plus
-  ``Idempotent-Replayed: true``;
-* a different fingerprint: 422 ``IdempotencyKeyReused`` (a key names one request, never another);
-* same fingerprint while the first still holds its lock: 409 ``IdempotencyKeyInFlight``;
+* same fingerprint, completed: the stored status and body, to replay byte for byte;
+* a different fingerprint: ``IdempotencyKeyReused`` (a key names one request, never another);
+* same fingerprint while the first still holds its lock: ``IdempotencyKeyInFlight``;
 * same fingerprint, in flight with an expired lock (the first request's process died): the key is
-  taken over with a compare-and-set on the lock and the work runs again. That is safe for
-  initiate because a repeat returns the order's live payment instead of pushing twice.
+  taken over with a compare-and-set on the lock and the work runs again. That is safe only for
+  work that is itself repeat-safe (initiate returns the order's live payment instead of pushing
+  twice).
 
-What is stored: every answer the endpoint gave once it ran, success or business error (409 order
-already paid, 502 refused by M-Pesa, ...), as Stripe does. Not stored: request-validation errors
-(they never reach the endpoint), answers that ask for a retry (503 / 429 / ``Retry-After``: a
-retry with the same key must be able to run) and unexpected exceptions; in those cases the key is
-released so a retry starts afresh.
+What is stored: every answer the work gave, success or business error, as Stripe does. Not
+stored: answers that ask for a retry (503 / 429 / ``Retry-After``: a retry with the same key must
+be able to run) and unexpected exceptions; then the key is released so a retry starts afresh.
 
 The lock value is also the owner's fencing token: completing or releasing is
 ``UPDATE … WHERE locked_until = <my lock>``, so a request whose key was taken over can never
 overwrite the new owner's answer. Keys live 72 hours (``RETENTION``); an older key is treated as
-unused, whether or not ``purge_expired`` has deleted it yet.
+unused, whether or not ``purge_expired`` (run on a schedule by ``lipia.maintenance``) has deleted
+it yet. New keys count against a per-address limit, since each is a stored row.
 
 Keys are scoped per operation (``scope``). lipia has no customer accounts, so a key is not further
-bound to a client: clients must use high-entropy keys (a v4 UUID), as Stripe asks.
+bound to a client: clients must use high-entropy keys (a v4 UUID), as Stripe asks. The HTTP face
+(the header, its validation, the replayed response) is ``lipia.http.idempotency``.
 """
 
 from __future__ import annotations
@@ -35,38 +33,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Header
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from lipia.db import Database
-from lipia.errors import (
-    IdempotencyKeyInFlight,
-    IdempotencyKeyReused,
-    InvalidIdempotencyKey,
-    InvalidPhone,
-    LipiaError,
-    error_body,
-)
-from lipia.models import IdempotencyKey, utcnow
-from lipia.phone import normalize_phone
+from lipia.db import Database, serialize
+from lipia.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, LipiaError, TooManyRequests, error_body
+from lipia.models import IdempotencyKey, IdempotencyStatus, utcnow
 
 logger = logging.getLogger("lipia.idempotency")
 
-HEADER = "Idempotency-Key"
-REPLAYED_HEADER = "Idempotent-Replayed"
-SCOPE_INITIATE = "initiate"
+# The name clients know keys by (the HTTP header), used in what the store tells them.
+KEY_NAME = "Idempotency-Key"
 
-IN_FLIGHT = "in_flight"
-COMPLETED = "completed"
+IN_FLIGHT = IdempotencyStatus.IN_FLIGHT
+COMPLETED = IdempotencyStatus.COMPLETED
 
 # Long enough for an OAuth token fetch plus a push at Daraja's default 15 s timeout, retries
 # included; a request still running after this is presumed dead and its key may be taken over.
@@ -74,66 +62,19 @@ LOCK_SECONDS = 60.0
 # Published expiry policy: a key is remembered for 72 hours (Stripe keeps at least 24).
 RETENTION = timedelta(hours=72)
 
-# Printable ASCII, space included (a UUID, a ULID, "order-42/attempt-1"...). Starlette decodes
-# header bytes as latin-1, so anything non-ASCII arrives as a character outside this range.
-_KEY = re.compile(r"[\x20-\x7e]{1,255}")
-
 # Answers that tell the client to come back later: storing them would make the retry they ask
 # for replay the same refusal forever.
 _RETRYABLE_STATUSES = frozenset({429, 503})
 
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias=HEADER,
-        description=(
-            "Optional. 1-255 printable ASCII characters, e.g. a v4 UUID, unique per checkout attempt. "
-            "A retry with the same key and body returns the first answer (with "
-            "`Idempotent-Replayed: true`) instead of doing the work twice. Keys are kept for 72 hours."
-        ),
-        examples=["5f0c7c1e-2b1e-4c55-9a53-0d0f1b6f6a77"],
-    ),
-]
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"error": {"type": "string"}, "detail": {}},
-    "required": ["error", "detail"],
-}
+@dataclass(frozen=True)
+class Answer:
+    """What a request with a key answers: its own result, or (``replayed``) the stored one."""
 
-
-def _error_response(description: str, example: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {
-            "application/json": {
-                "schema": _ERROR_SCHEMA,
-                "example": {"error": example, "detail": "..."},
-            }
-        },
-    }
-
-
-# OpenAPI ``responses`` for an endpoint that takes the header.
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_response("Malformed `Idempotency-Key` header.", "InvalidIdempotencyKey"),
-    409: _error_response(
-        "A request with the same `Idempotency-Key` is still in progress (`IdempotencyKeyInFlight`, "
-        "retry shortly), or the request conflicts with the order's state (e.g. `OrderAlreadyPaid`).",
-        "IdempotencyKeyInFlight",
-    ),
-    422: _error_response(
-        "The request body is invalid (`ValidationError`), or the `Idempotency-Key` was already used "
-        "with a different body (`IdempotencyKeyReused`).",
-        "IdempotencyKeyReused",
-    ),
-}
-
-
-def validate_key(key: str) -> str:
-    if not _KEY.fullmatch(key):
-        raise InvalidIdempotencyKey(f"{HEADER} must be 1 to 255 printable ASCII characters (e.g. a UUID).")
-    return key
+    status: int
+    body: Any
+    headers: dict[str, str] | None = None
+    replayed: bool = False
 
 
 def _canonical(value: Any) -> Any:
@@ -159,48 +100,79 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def initiate_request(*, order_id: str, phone: str, amount: Decimal) -> dict[str, Any]:
-    """What makes two initiates the same request: order, amount and payer, however they were spelt.
-
-    ``0708374149`` and ``254708374149`` are one payer and ``100`` and ``100.0`` one amount, so a
-    client that reformats a retry is not refused. Unknown body fields are ignored by the endpoint
-    and so are not part of the fingerprint either.
-    """
-    try:
-        payer = normalize_phone(phone)
-    except InvalidPhone:
-        payer = phone  # the endpoint will refuse it (and that refusal is what gets stored)
-    return {"order_id": order_id, "amount": amount, "phone": payer}
-
-
 def _key_filter(scope: str, key: str) -> tuple[Any, ...]:
     return (IdempotencyKey.scope == scope, IdempotencyKey.key == key)
 
 
-def _replay(row: IdempotencyKey) -> JSONResponse:
-    assert row.response_status is not None
-    return JSONResponse(row.response_body, status_code=row.response_status, headers={REPLAYED_HEADER: "true"})
+@dataclass(frozen=True)
+class KeyLimit:
+    """New keys per client address in a window: a key is a stored row, so it is rationed like the
+    pushes it guards (a flood of fresh keys would otherwise grow the table without bound)."""
+
+    per_ip: int
+    window: timedelta
+    # The setting that sets ``per_ip``, named in the log line of every refusal.
+    setting: str = "LIPIA_IDEMPOTENCY_KEYS_PER_IP"
+
+
+async def _check_key_limit(session: AsyncSession, client_ip: str | None, limit: KeyLimit | None) -> None:
+    if client_ip is None or limit is None:
+        return
+    # Serialised per address, so concurrent requests (and instances) cannot all pass one count.
+    await serialize(session, f"idempotency-ip:{client_ip}")
+    since = utcnow() - limit.window
+    oldest = list(
+        await session.scalars(
+            select(IdempotencyKey.created_at)
+            .where(IdempotencyKey.client_ip == client_ip, IdempotencyKey.created_at >= since)
+            .order_by(IdempotencyKey.created_at.desc())
+            .limit(limit.per_ip)
+        )
+    )
+    if len(oldest) >= limit.per_ip:
+        retry_after = (oldest[-1] + limit.window - utcnow()).total_seconds()
+        logger.warning(
+            "limit reached",
+            extra={
+                "limit": limit.setting,
+                "limit_value": limit.per_ip,
+                "window_seconds": limit.window.total_seconds(),
+                "client_ip": client_ip,
+            },
+        )
+        raise TooManyRequests(
+            f"Too many new {KEY_NAME}s from your address: at most {limit.per_ip} every "
+            f"{int(limit.window.total_seconds() // 60)} minutes. Retry with a key you already used.",
+            retry_after_seconds=int(retry_after) + 1,
+        )
 
 
 async def _claim(
-    db: Database, scope: str, key: str, print_: str, lock_seconds: float
-) -> datetime | JSONResponse:
+    db: Database,
+    scope: str,
+    key: str,
+    print_: str,
+    lock_seconds: float,
+    client_ip: str | None = None,
+    limit: KeyLimit | None = None,
+) -> datetime | Answer:
     """Our lock (the fencing token) if this request now owns the key, else the stored answer to replay.
 
-    Raises ``IdempotencyKeyReused`` or ``IdempotencyKeyInFlight``.
+    Raises ``IdempotencyKeyReused``, ``IdempotencyKeyInFlight`` or ``TooManyRequests``.
     """
     for _ in range(3):
         try:
             async with db.write() as session:
                 now = utcnow()
                 lock = now + timedelta(seconds=lock_seconds)
-                row = await session.get(IdempotencyKey, (scope, key))
+                row = await session.get(IdempotencyKey, (scope, key), with_for_update=True)
                 if row is not None and row.created_at <= now - RETENTION:
                     # Past the published window: the key starts a new request.
                     await session.delete(row)
                     await session.flush()
                     row = None
                 if row is None:
+                    await _check_key_limit(session, client_ip, limit)
                     session.add(
                         IdempotencyKey(
                             scope=scope,
@@ -209,17 +181,19 @@ async def _claim(
                             status=IN_FLIGHT,
                             created_at=now,
                             locked_until=lock,
+                            client_ip=client_ip,
                         )
                     )
                     # Committed on leaving the block; a concurrent insert of the same key fails there.
                     return lock
                 if row.fingerprint != print_:
                     raise IdempotencyKeyReused(
-                        f"This {HEADER} was already used with a different request body; "
+                        f"This {KEY_NAME} was already used with a different request body; "
                         "use a new key for a new request."
                     )
                 if row.status == COMPLETED:
-                    return _replay(row)
+                    assert row.response_status is not None
+                    return Answer(row.response_status, row.response_body, replayed=True)
                 if row.locked_until is not None and row.locked_until > now:
                     raise _in_flight()
                 # The owner died (its lock ran out): take the key over, unless somebody else just did.
@@ -245,7 +219,7 @@ async def _claim(
 
 def _in_flight() -> IdempotencyKeyInFlight:
     return IdempotencyKeyInFlight(
-        f"A request with this {HEADER} is still being processed; retry in a moment with the same key.",
+        f"A request with this {KEY_NAME} is still being processed; retry in a moment with the same key.",
         headers={"Retry-After": "1"},
     )
 
@@ -287,7 +261,7 @@ async def _finish(
         logger.exception("could not record the idempotency key's outcome", extra={"scope": scope})
 
 
-async def idempotent(
+async def run_once(
     db: Database,
     *,
     scope: str,
@@ -296,15 +270,16 @@ async def idempotent(
     run: Callable[[], Awaitable[BaseModel]],
     success_status: int = 200,
     lock_seconds: float = LOCK_SECONDS,
-) -> JSONResponse:
+    client_ip: str | None = None,
+    limit: KeyLimit | None = None,
+) -> Answer:
     """Run ``run`` at most once per (scope, key) and answer every retry with its stored response.
 
     ``request`` is what identifies the request (the validated body); it is fingerprinted.
     ``LipiaError`` raised by ``run`` is rendered (and stored) in the usual error envelope.
     """
-    validate_key(key)
-    claimed = await _claim(db, scope, key, fingerprint(request), lock_seconds)
-    if isinstance(claimed, JSONResponse):
+    claimed = await _claim(db, scope, key, fingerprint(request), lock_seconds, client_ip, limit)
+    if isinstance(claimed, Answer):
         return claimed
     lock = claimed
     try:
@@ -318,7 +293,7 @@ async def idempotent(
         status, body, headers = success_status, model.model_dump(mode="json"), None
     retryable = status in _RETRYABLE_STATUSES or any(h.lower() == "retry-after" for h in headers or {})
     await _finish(db, scope, key, lock, None if retryable else (status, body))
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Answer(status, body, headers)
 
 
 async def purge_expired(db: Database, older_than: timedelta = RETENTION) -> int:

@@ -1,33 +1,30 @@
-"""Shared fixtures: a real lipia server (uvicorn on a loopback port, SQLite file, the built-in
-simulator calling back over real HTTP) and a client for it."""
+"""Shared fixtures: a real lipia server (see ``tests.support.server``) per test, a factory for
+servers with settings of their own, and the clean-up of the databases and the simulator process
+they used.
+
+Tests that only make sense in one mode are marked ``simulator_mode_only`` or ``live_mode_only``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from lipia.api import Services
-from lipia.app import create_app
-from lipia.config import Settings
-
-# Magic numbers of the simulator (design.md §5).
-SUCCESS_PHONE = "254708374149"
-INSUFFICIENT_PHONE = "254700000001"
-CANCELLED_PHONE = "254700001032"
-NO_RESPONSE_PHONE = "254700001037"
-WRONG_PIN_PHONE = "254700002001"
-EXPIRED_PHONE = "254700001019"
-SILENT_SUCCESS_PHONE = "254700009999"
+from lipia.logs import QUIET_LOGGERS, UVICORN_LOGGERS
+from tests.support.databases import ON_POSTGRES, drop_all, drop_databases_under
+from tests.support.server import LIVE as LIVE  # re-exported: test_chaos.py reads the mode here
+from tests.support.server import (
+    TEST_MODE,
+    RunningServer,
+    ServerFactory,
+    running_server,
+    stop_external_simulator,
+)
 
 
 @pytest.fixture
@@ -35,99 +32,86 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class RunningServer:
-    app: FastAPI
-    settings: Settings
-    base_url: str
-    client: httpx.AsyncClient
-
-    @property
-    def services(self) -> Services:
-        services: Services = self.app.state.services
-        return services
-
-    async def create_order(self, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        body = {"items": items or [{"menu_item_id": "pilau-beef", "quantity": 2}]}
-        response = await self.client.post("/api/orders", json=body)
-        assert response.status_code == 201, response.text
-        order: dict[str, Any] = response.json()
-        return order
-
-    async def initiate(self, order: dict[str, Any], phone: str, **extra: Any) -> httpx.Response:
-        body = {"phone": phone, "amount": order["total"], "order_id": order["order_id"], **extra}
-        return await self.client.post("/api/payments/mpesa/initiate", json=body)
-
-    async def wait_final(self, ref: str, *, within: float = 10.0) -> dict[str, Any]:
-        """Poll the status endpoint like the frontend does (faster) until it is final."""
-        deadline = asyncio.get_running_loop().time() + within
-        while True:
-            response = await self.client.get(f"/api/payments/status/{ref}")
-            assert response.status_code == 200, response.text
-            body: dict[str, Any] = response.json()
-            if body["status"] != "pending":
-                return body
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"payment {ref} still pending after {within}s: {body}")
-            await asyncio.sleep(0.05)
-
-    async def ledger(self) -> dict[str, Any]:
-        response = await self.client.get("/daraja/simulator/transactions")
-        assert response.status_code == 200
-        ledger: dict[str, Any] = response.json()
-        return ledger
+# Measured slow tests (see the file's header), by node id.
+MEASURED_SLOW = frozenset(
+    line
+    for line in (Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+    if line and not line.startswith("#")
+)
 
 
-def _bound_socket() -> socket.socket:
-    # IPPROTO_TCP explicitly: with protocol 0 asyncio leaves Nagle on, adding ~40 ms per request.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+# The configuration a test that depends on neither the mode nor the database runs in.
+FIRST_CONFIGURATION = not LIVE and not ON_POSTGRES
 
 
-def fast_settings(tmp_path: Path, port: int, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'lipia.db'}",
-        "public_url": f"http://127.0.0.1:{port}",
-        "simulator_callback_delay_seconds": 0.05,
-        "simulator_prompt_timeout_seconds": 0.3,
-        "status_query_after_seconds": 0.3,
-        "status_query_min_interval_seconds": 0.2,
-        "daraja_timeout_seconds": 5.0,
-        "log_json": False,
-        # Tests pay many orders from the magic numbers; the limits have tests of their own.
-        "push_limit_per_phone": 1000,
-        "push_limit_per_ip": 1000,
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    other = "simulator_mode_only" if LIVE else "live_mode_only"
+    skip = pytest.mark.skip(reason=f"{other.replace('_', ' ')}; this run is LIPIA_TEST_MODE={TEST_MODE}")
+    elsewhere: list[pytest.Item] = []
+    kept: list[pytest.Item] = []
+    for item in items:
+        if item.get_closest_marker(other) is not None:
+            item.add_marker(skip)
+        if item.nodeid in MEASURED_SLOW:
+            item.add_marker(pytest.mark.slow)
+        independent = item.get_closest_marker("any_configuration") is not None
+        (elsewhere if independent and not FIRST_CONFIGURATION else kept).append(item)
+    if elsewhere:
+        # Run once, in the simulator-mode SQLite configuration: the same test with another mode or
+        # database would only repeat the same answer. Deselected (not skipped) and counted.
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = kept
+        config.stash[_ELSEWHERE] = len(elsewhere)
+
+
+_ELSEWHERE = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    count = config.stash.get(_ELSEWHERE, 0)
+    if count:
+        terminalreporter.write_line(
+            f"{count} tests that depend on neither the mode nor the database ran in the "
+            "simulator-mode SQLite configuration only (marked any_configuration)"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Whatever a test configured (``lipia serve`` and ``configure_logging`` install a handler on
+    the root logger, often on a stream the test then closes), the next one starts from the
+    logging it had before: a handler left on a closed stream turns every later log line into a
+    "Logging error" traceback."""
+    names = ("", "lipia", *UVICORN_LOGGERS, *QUIET_LOGGERS)
+    saved = {
+        name: (
+            logging.getLogger(name).handlers[:],
+            logging.getLogger(name).level,
+            logging.getLogger(name).propagate,
+        )
+        for name in names
     }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
-@asynccontextmanager
-async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
-    """lipia served by uvicorn on a free loopback port, lifespan and all."""
-    sock = _bound_socket()
-    port = sock.getsockname()[1]
-    settings = fast_settings(tmp_path, port, **overrides)
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", proxy_headers=False))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        base_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-            yield RunningServer(app=app, settings=settings, base_url=base_url, client=client)
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+@pytest.fixture(autouse=True)
+def _drop_test_databases(tmp_path: Path) -> Iterator[None]:
+    """The databases a test made for its own tmp_path go when it ends (PostgreSQL only); set up
+    before, so torn down after, the servers that use them."""
+    yield
+    drop_databases_under(tmp_path)
 
 
-ServerFactory = Callable[..., AbstractAsyncContextManager[RunningServer]]
+@pytest.fixture(scope="session", autouse=True)
+def _session_teardown() -> Iterator[None]:
+    yield
+    drop_all()
+    stop_external_simulator()
 
 
 @pytest.fixture

@@ -10,7 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from lipia.api import InitiateRequest
+from lipia.http.initiate import InitiateRequest
+
+# The simulator, the client and the parsers: the same whatever lipia's mode or database.
+pytestmark = pytest.mark.any_configuration
 
 json_scalars = st.one_of(
     st.none(),
@@ -31,6 +34,7 @@ def parse(amount: Any) -> InitiateRequest:
         json_scalars, st.lists(json_scalars, max_size=3), st.dictionaries(st.text(max_size=5), json_scalars)
     )
 )
+@pytest.mark.slow
 def test_amount_parser_raises_only_validation_errors(amount: Any) -> None:
     try:
         request = parse(amount)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lipia.callbacks import parse_callback, parse_callback_bytes
+from lipia.daraja.callbacks import parse_callback, parse_callback_bytes
 from lipia.errors import InvalidCallback
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "daraja-samples"
+# The simulator, the client and the parsers: the same whatever lipia's mode or database.
+pytestmark = pytest.mark.any_configuration
+
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "daraja-samples"
 STK_CALLBACKS = sorted(SAMPLES.glob("stk_callback_*.json"))
 
 
@@ -153,6 +157,7 @@ callback_like = st.fixed_dictionaries(
 
 
 @given(st.one_of(json_values, callback_like))
+@pytest.mark.slow
 def test_parser_raises_only_invalid_callback(payload: object) -> None:
     try:
         parse_callback(payload)
@@ -166,3 +171,79 @@ def test_byte_parser_raises_only_invalid_callback(raw: bytes) -> None:
         parse_callback_bytes(raw)
     except InvalidCallback:
         pass
+
+
+# -- strict where a lenient reading could pay an order ------------------------------------------
+
+
+def _envelope(**callback: Any) -> dict[str, Any]:
+    return {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0, **callback}}}
+
+
+@pytest.mark.parametrize(
+    "code", ["0\u3000", " 0", "0 ", "00", "+0", "-0", "0.0", 0.0, True, -1, "", "0\x00", "\uff10"]
+)
+def test_result_codes_are_parsed_strictly(code: object) -> None:
+    # Each of these once read as success (str.strip, float, bool) or as some other code.
+    with pytest.raises(InvalidCallback):
+        parse_callback(_envelope(ResultCode=code))
+
+
+@pytest.mark.parametrize("code", [0, "0", 1032, "1032", "SFC_IC0003"])
+def test_result_codes_daraja_sends_are_read(code: object) -> None:
+    assert parse_callback(_envelope(ResultCode=code)).result_code == str(code)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\\ud800", "ResultCode": 0}}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\xed\xa0\x80", "ResultCode": 0}}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\\u0000", "ResultCode": 0}}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\x001", "ResultCode": 0}}}',
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws CO 1", "ResultCode": 0}}}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"Body":' * 5000 + b"{}" + b"}" * 5000,
+        '{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0}}}'.encode("utf-16"),
+        '{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_ä", "ResultCode": 0}}}'.encode("utf-16-le"),
+        b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": ' + b"9" * 5000 + b"}}}",
+    ],
+    ids=[
+        "surrogate-escape",
+        "surrogate-bytes",
+        "nul-escape",
+        "nul-byte",
+        "spaces",
+        "deep-list",
+        "deep-object",
+        "utf-16-bom",
+        "utf-16-odd",
+        "huge-number",
+    ],
+)
+def test_hostile_bodies_are_refused_with_a_reason(raw: bytes) -> None:
+    with pytest.raises(InvalidCallback) as refused:
+        parse_callback_bytes(raw)
+    assert refused.value.detail
+
+
+def test_receipts_are_upper_case() -> None:
+    items = [{"Name": "MpesaReceiptNumber", "Value": "casexxxxxx"}]
+    parsed = parse_callback(_envelope(CallbackMetadata={"Item": items}))
+    assert parsed.receipt == "CASEXXXXXX"
+
+
+def test_a_metadata_field_named_twice_is_ambiguous() -> None:
+    items = [{"Name": "Amount", "Value": 1}, {"Name": "Amount", "Value": 1000}]
+    with pytest.raises(InvalidCallback, match="twice"):
+        parse_callback(_envelope(CallbackMetadata={"Item": items}))
+
+
+def test_result_desc_is_kept_storable() -> None:
+    parsed = parse_callback(_envelope(ResultDesc="ok\x00\ud800 done"))
+    assert parsed.result_desc == "ok\ufffd\ufffd done"
+
+
+def test_a_utf8_bom_is_tolerated() -> None:
+    raw = b"\xef\xbb\xbf" + json.dumps(_envelope()).encode()
+    assert parse_callback_bytes(raw).checkout_request_id == "ws_CO_1"

@@ -1,11 +1,11 @@
-"""The crash-anywhere chaos run (bench/chaos.py, reliability.md §3.5 T1) at CI size.
+"""The crash-anywhere chaos run (bench/chaos/) at CI size.
 
 Real processes: ``lipia simulator`` and ``lipia serve`` on a SQLite file, lipia SIGKILLed and
 restarted three times while 24 clients pay, callbacks dropped and duplicated by the simulator.
 
 Kills are "quiet" (never while an initiate request is in flight). That rules out the one case
 lipia cannot settle on its own yet (a kill between Daraja accepting a push and lipia storing its
-CheckoutRequestID, with that push's callback lost too: reliability.md M6), so every figure below
+CheckoutRequestID, with that push's callback lost too), so every figure below
 has one right answer and the test is deterministic. The large run (random and targeted kills) is
 ``python -m bench.chaos``; see bench/README.md.
 
@@ -18,35 +18,50 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import update
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bench.chaos import (
+from bench.chaos.run import (
     ChaosConfig,
+    LipiaMode,
     Process,
     free_port,
     lipia_process,
+    prepare_database,
+    public_origin,
     query,
     run_chaos,
     simulator_process,
 )
+from bench.readonly_db import ReadOnlyDatabase
+from lipia.db import Database
+from lipia.models import IdempotencyKey, IdempotencyStatus
+from tests.conftest import LIVE
+from tests.support.databases import ON_POSTGRES, database_url
+
+# Slow (see the README's "Tests"): deselected by -m 'not slow', and given longer than the default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instances", [1, 2], ids=["one-instance", "two-instances"])
+def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path, instances: int) -> None:
+    """With two instances on one database, every client spreads its requests over both, each
+    instance's callbacks are delivered to the other, and kills hit either."""
     config = ChaosConfig(
         checkouts=24,
         concurrency=6,
@@ -54,6 +69,8 @@ def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path) -> None:
         kill_interval=(1.5, 3.0),
         down_time=(0.0, 0.3),
         kill_mode="quiet",
+        mode="live" if LIVE else "simulator",
+        instances=instances,
         fault_interval=(0.5, 2.0),
         callback_delay=0.5,
         expire_after=6.0,
@@ -62,10 +79,9 @@ def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path) -> None:
         # Fixes the clients' choices (phones, items, fault kinds); timing still varies run to run.
         seed=int(os.environ.get("LIPIA_CHAOS_SEED", "20240601")),
         workdir=tmp_path,
+        database_url=database_url(tmp_path) if ON_POSTGRES else None,
     )
-    started = time.monotonic()
     report = asyncio.run(run_chaos(config))
-    elapsed = time.monotonic() - started
     detail = report.format()
 
     assert report.kills == 3, detail
@@ -84,9 +100,9 @@ def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path) -> None:
     assert report.unmatched == 0, detail
     assert report.client_unfinished == 0, detail
     assert report.client_mismatch == 0, detail
+    assert report.queried_twice_in_a_round == 0, detail
     assert report.completed == report.paid, detail
     assert report.ok, detail
-    assert elapsed < 60, f"chaos run took {elapsed:.1f}s\n{detail}"
 
 
 # -- a deterministic crash point: after Daraja accepted the push, before lipia stored it --------
@@ -95,7 +111,7 @@ def test_chaos_quiet_kills_and_callback_faults(tmp_path: Path) -> None:
 class CrashingDaraja:
     """A pass-through proxy between lipia and the simulator that, once armed, SIGKILLs lipia as
     soon as the simulator has accepted a push: the push is live on the phone, lipia has its
-    INITIATING row and never sees the CheckoutRequestID (reliability.md §3.5, crash point 2)."""
+    INITIATING row and never sees the CheckoutRequestID."""
 
     def __init__(self, sim_url: str) -> None:
         self.sim_url = sim_url
@@ -124,7 +140,7 @@ class CrashRig:
     lipia: Process
     api: httpx.AsyncClient
     sim: httpx.AsyncClient
-    db_path: Path
+    database_url: str
     body: dict[str, Any]
     key: str
 
@@ -139,7 +155,7 @@ class CrashRig:
 
     async def payment_states(self) -> list[str]:
         rows = await query(
-            self.db_path,
+            ReadOnlyDatabase(self.database_url),
             "SELECT state FROM payments WHERE order_id = ? ORDER BY created_at",
             (self.body["order_id"],),
         )
@@ -151,18 +167,24 @@ class CrashRig:
             assert time.monotonic() < deadline, f"payments {states}, wanted {wanted}"
             await asyncio.sleep(0.2)
 
-    def expire_idempotency_lock(self) -> None:
+    async def expire_idempotency_lock(self) -> None:
         """Fast-forward 60 s: what a client retrying the same key for a minute would reach.
 
         lipia's key lock (idempotency.LOCK_SECONDS) is not configurable, so the test moves the
         dead request's lock into the past instead of sleeping through it. Nothing else is touched.
         """
-        with sqlite3.connect(self.db_path, timeout=30) as conn:
-            changed = conn.execute(
-                "UPDATE idempotency_keys SET locked_until = '2000-01-01 00:00:00.000000' "
-                "WHERE key = ? AND status = 'in_flight'",
-                (self.key,),
-            ).rowcount
+        db = Database.from_url(self.database_url)
+        in_flight = IdempotencyKey.status == IdempotencyStatus.IN_FLIGHT
+        try:
+            async with db.write() as session:
+                result = await session.execute(
+                    update(IdempotencyKey)
+                    .where(IdempotencyKey.key == self.key, in_flight)
+                    .values(locked_until=datetime(2000, 1, 1, tzinfo=UTC))
+                )
+                changed = result.rowcount  # type: ignore[attr-defined]
+        finally:
+            await db.dispose()
         assert changed == 1, "the crashed request's key should still be in flight"
 
 
@@ -171,14 +193,19 @@ async def crash_between_push_and_commit(tmp_path: Path, *, expire_after: float) 
     """lipia killed right after Daraja accepted the push for ``body`` (callback dropped), restarted."""
     sim_port, proxy_port, port = free_port(), free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
-    simulator = simulator_process(tmp_path, sim_port, callback_delay=0.3, prompt_timeout=5)
+    mode: LipiaMode = "live" if LIVE else "simulator"
+    routes = ((public_origin("live", port), f"http://127.0.0.1:{port}"),) if LIVE else ()
+    simulator = simulator_process(tmp_path, sim_port, callback_delay=0.3, prompt_timeout=5, routes=routes)
     proxy = CrashingDaraja(sim_url)
+    url = database_url(tmp_path)
     lipia = lipia_process(
         tmp_path,
         port,
         daraja_url=f"http://127.0.0.1:{proxy_port}",
         callback_delay=0.3,
         expire_after=expire_after,
+        mode=mode,
+        database_url=url,
         extra_env={"LIPIA_DARAJA_TIMEOUT_SECONDS": "2"},
     )
     proxy.victim = lipia
@@ -186,6 +213,7 @@ async def crash_between_push_and_commit(tmp_path: Path, *, expire_after: float) 
     serving = asyncio.create_task(server.serve())
     try:
         await simulator.start()
+        await prepare_database(url, tmp_path)
         await lipia.start()
         async with (
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as api,
@@ -195,7 +223,7 @@ async def crash_between_push_and_commit(tmp_path: Path, *, expire_after: float) 
                 await api.post("/api/orders", json={"items": [{"menu_item_id": "chai", "quantity": 1}]})
             ).json()
             body = {"phone": "254712345678", "amount": order["total"], "order_id": order["order_id"]}
-            rig = CrashRig(lipia, api, sim, tmp_path / "lipia.db", body, str(uuid.uuid4()))
+            rig = CrashRig(lipia, api, sim, url, body, str(uuid.uuid4()))
             # The customer pays, but the callback is lost: lipia never hears of this push.
             (
                 await sim.post("/simulator/faults", json={"callback": {"mode": "drop", "times": 1}})
@@ -227,7 +255,7 @@ def test_same_key_retry_after_crash_mid_push_sends_no_second_push(tmp_path: Path
     async def scenario() -> None:
         async with crash_between_push_and_commit(tmp_path, expire_after=2.0) as rig:
             await rig.wait_for_states(["EXPIRED"])
-            rig.expire_idempotency_lock()
+            await rig.expire_idempotency_lock()
             retry = await rig.initiate()
             pushes = await rig.pushes()
             assert len(pushes) == 1, (
@@ -244,7 +272,7 @@ def test_in_flight_answer_is_not_stored_for_the_key(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with crash_between_push_and_commit(tmp_path, expire_after=12.0) as rig:
-            rig.expire_idempotency_lock()
+            await rig.expire_idempotency_lock()
             # The orphan is still INITIATING: the retry waits for a push answer that never comes and
             # today answers 409 PaymentInFlight, "try again shortly" (a 200 "pending" would do too).
             await rig.initiate()

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from lipia.clock import NAIROBI, Clock, FixedClock, NairobiClock, daraja_timestamp
 
+# The simulator, the client and the parsers: the same whatever lipia's mode or database.
+pytestmark = pytest.mark.any_configuration
+
 EAT = timedelta(hours=3)
 
 # Hosts that are behind, ahead of, and far ahead of Nairobi; one with DST.

@@ -107,23 +107,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from lipia.daraja import DarajaClient, StkQueryResult
-from lipia.initiation import hash_token, new_payment_id
-from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentState
-from lipia.payments import PaymentService
-from lipia.reconciler import Reconciler
-from tests.conftest import NO_RESPONSE_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
-from tests.helpers import arm, callback_body, events, inbox_rows, payment_row
+from lipia.models import CallbackStatus, Payment, PaymentState, Source
+from lipia.payments.initiation import hash_token, new_payment_id
+from lipia.payments.reconciler import Reconciler
+from tests.support.daraja import callback_body, reconciler_for
+from tests.support.envelope import assert_envelope
+from tests.support.payments import start_checkout, start_payment
+from tests.support.phones import NO_RESPONSE_PHONE, SUCCESS_PHONE
+from tests.support.rows import events, inbox_rows, order_row, payment_row, payments_of, transitions
+from tests.support.server import RunningServer, ServerFactory
+from tests.support.simulator import arm, customer_acted, ledger_callbacks, pushes
+from tests.support.waiting import inbox_idle, until
 
 pytestmark = pytest.mark.anyio
 
@@ -148,33 +150,6 @@ FLAG = "verified success after inferred expiry"
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def pushes(server: RunningServer) -> dict[str, dict[str, Any]]:
-    return {p["CheckoutRequestID"]: p for p in (await server.ledger())["pushes"]}
-
-
-async def ledger_callbacks(server: RunningServer, checkout_id: str) -> list[dict[str, Any]]:
-    return [c for c in (await server.ledger())["callbacks"] if c["CheckoutRequestID"] == checkout_id]
-
-
-async def payments_of(server: RunningServer, order_id: str) -> list[Payment]:
-    async with server.services.db.read() as session:
-        rows = await session.scalars(
-            select(Payment).where(Payment.order_id == order_id).order_by(Payment.created_at)
-        )
-        return list(rows)
-
-
-async def order_row(server: RunningServer, order_id: str) -> Order:
-    async with server.services.db.read() as session:
-        order = await session.get(Order, order_id)
-    assert order is not None
-    return order
-
-
-async def transitions(server: RunningServer, payment_id: str) -> list[str | None]:
-    return [e.to_state for e in await events(server, payment_id) if e.kind == "transition"]
-
-
 async def admin_timeline(server: RunningServer, ref: str) -> dict[str, Any]:
     response = await server.client.get(
         f"/api/admin/payments/{ref}",
@@ -193,72 +168,10 @@ async def status_of(server: RunningServer, ref: str) -> dict[str, Any]:
     return body
 
 
-async def until(check: Callable[[], Awaitable[bool]], *, within: float = 8.0, step: float = 0.03) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(step)
-
-
 async def settled(server: RunningServer) -> None:
     """Wait until no stored callback is still being applied or confirmed, and no poll query runs."""
-
-    async def idle() -> bool:
-        async with server.services.db.read() as session:
-            busy = await session.scalar(
-                select(CallbackInbox.id).where(
-                    CallbackInbox.status.in_([CallbackStatus.RECEIVED, CallbackStatus.AWAITING_CONFIRMATION])
-                )
-            )
-        return busy is None
-
-    await until(idle)
+    await inbox_idle(server)
     await server.services.runner.wait_idle()
-
-
-async def pay(server: RunningServer, phone: str = SUCCESS_PHONE) -> tuple[dict[str, Any], dict[str, Any]]:
-    order = await server.create_order()
-    response = await server.initiate(order, phone)
-    assert response.status_code == 200, response.text
-    return order, response.json()
-
-
-async def customer_acted(server: RunningServer, checkout_id: str) -> dict[str, Any]:
-    async def acted() -> bool:
-        return bool((await pushes(server))[checkout_id]["state"] == "final")
-
-    await until(acted)
-    return (await pushes(server))[checkout_id]
-
-
-class TimedClient:
-    """The app's real Daraja client, recording every STK Query and counting pushes."""
-
-    def __init__(self, inner: DarajaClient) -> None:
-        self.inner = inner
-        self.queries: list[tuple[str, float]] = []
-        self.pushes = 0
-
-    async def stk_query(self, checkout_request_id: str) -> StkQueryResult:
-        self.queries.append((checkout_request_id, time.monotonic()))
-        return await self.inner.stk_query(checkout_request_id)
-
-    async def stk_push(self, **kwargs: Any) -> Any:
-        self.pushes += 1
-        return await self.inner.stk_push(**kwargs)
-
-    def count(self) -> Counter[str]:
-        return Counter(cid for cid, _ in self.queries)
-
-
-def reconciler_for(server: RunningServer) -> tuple[Reconciler, TimedClient]:
-    client = TimedClient(server.services.payments.client)
-    payments = PaymentService(server.services.db, cast(DarajaClient, client), server.settings)
-    reconciler = Reconciler(
-        server.services.db, payments, server.settings, owner="faults-test", inbox=server.services.inbox
-    )
-    return reconciler, client
 
 
 async def reconcile_until(
@@ -301,7 +214,9 @@ async def test_gateway_5xx_is_unknown_and_never_pushed_again(
 
         assert first.status_code == 200, first.text
         body = first.json()
-        assert body["CheckoutRequestID"] is None
+        # Daraja's id is unknown: the answer carries lipia's payment id, which the status resolves.
+        assert body["CheckoutRequestID"] == body["checkout_request_id"] == body["payment_id"]
+        assert body["ResponseCode"] is None
         assert body["status"] == "pending"
         assert "do not pay twice" in body["CustomerMessage"]
         payment_id = body["payment_id"]
@@ -317,17 +232,17 @@ async def test_gateway_5xx_is_unknown_and_never_pushed_again(
         # The client retries, for this order and for another one from the same phone: no new push.
         again = await server.initiate(order, SUCCESS_PHONE)
         assert again.status_code == 200, again.text
-        assert (again.json()["payment_id"], again.json()["CheckoutRequestID"]) == (payment_id, None)
+        assert (again.json()["payment_id"], again.json()["CheckoutRequestID"]) == (payment_id, payment_id)
         other = await server.initiate(await server.create_order(), SUCCESS_PHONE)
         assert other.status_code == 409, other.text
         assert await pushes(server) == {}
-        reconciler, client = reconciler_for(server)
+        reconciler, client = reconciler_for(server, owner="faults-test")
 
         expired = await reconcile_until(server, reconciler, payment_id, PaymentState.EXPIRED)
 
         assert expired.finalized_at is not None
         assert expired.finalized_at >= expired.created_at + timedelta(seconds=window)
-        assert (client.pushes, len(client.queries)) == (0, 0)
+        assert (client.pushes, len(client.queried)) == (0, 0)
         assert await pushes(server) == {}
         assert len(await payments_of(server, order["order_id"])) == 1
         # Now the order is free: a retry pushes once and pays.
@@ -366,7 +281,7 @@ async def test_busy_gateway_answers_503_and_a_retry_pushes(
 
         assert busy.status_code == 503, busy.text
         assert int(busy.headers["Retry-After"]) > 0
-        assert set(busy.json()) == {"error", "detail"}
+        assert assert_envelope(busy.json())["error"] == "PaymentProviderError"
         assert "no prompt was sent" in busy.json()["detail"]
         assert await pushes(server) == {}  # the simulator refused it before accepting anything
         (failed,) = await payments_of(server, order["order_id"])
@@ -394,14 +309,14 @@ async def test_query_5xx_is_only_ask_again_later(server_factory: ServerFactory, 
             server,
             {"callback": {"mode": "drop"}, "query_error": {"status": 500, "error_code": code, "times": 3}},
         )
-        _, initiated = await pay(server)
+        _, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
         push = await customer_acted(server, cid)
-        reconciler, client = reconciler_for(server)
+        reconciler, client = reconciler_for(server, owner="faults-test")
 
         payment = await reconcile_until(server, reconciler, cid, PaymentState.COMPLETED)
 
-        assert client.count()[cid] == 4  # three refused, the fourth answered
+        assert client.queries[cid] == 4  # three refused, the fourth answered
         assert await transitions(server, payment.id) == ["PENDING", "COMPLETED"]
         assert payment.settled_by == "reconciler"
         assert push["paid"] is True
@@ -433,26 +348,26 @@ async def test_short_token_lifetime_causes_no_user_visible_failure(server: Runni
 
 async def test_revoked_token_is_refreshed_and_the_push_sent_once(server_factory: ServerFactory) -> None:
     async with server_factory(**MANUAL) as server:
-        _, first = await pay(server)
+        _, first = await start_payment(server)
         assert (await server.wait_final(first["CheckoutRequestID"]))["status"] == "completed"
-        revoked = (await server.client.post("/daraja/simulator/tokens/revoke")).json()["revoked"]
+        revoked = (await server.sim.post("/simulator/tokens/revoke")).json()["revoked"]
         assert revoked >= 1
 
-        order, second = await pay(server, "254711000201")
+        order, second = await start_payment(server, "254711000201")
 
         assert (await server.wait_final(second["CheckoutRequestID"]))["status"] == "completed"
         assert list(await pushes(server)) == [first["CheckoutRequestID"], second["CheckoutRequestID"]]
 
         # The same on the query path: revoke, then the reconciler must still get its answer.
         await arm(server, {"callback": {"mode": "drop"}})
-        _, third = await pay(server, "254711000202")
+        _, third = await start_payment(server, "254711000202")
         await customer_acted(server, third["CheckoutRequestID"])
-        await server.client.post("/daraja/simulator/tokens/revoke")
-        reconciler, client = reconciler_for(server)
+        await server.sim.post("/simulator/tokens/revoke")
+        reconciler, client = reconciler_for(server, owner="faults-test")
         payment = await reconcile_until(
             server, reconciler, third["CheckoutRequestID"], PaymentState.COMPLETED
         )
-        assert client.count()[third["CheckoutRequestID"]] == 1
+        assert client.queries[third["CheckoutRequestID"]] == 1
         assert payment.settled_by == "reconciler"
         assert len(await pushes(server)) == 3
 
@@ -472,7 +387,7 @@ async def test_query_lag_with_a_lost_callback_is_settled_by_the_status_query(
     async with server_factory(**overrides) as server:
         await arm(server, {"callback": {"mode": "drop"}, "query": {"lag_seconds": lag}})
         started = asyncio.get_running_loop().time()
-        _, initiated = await pay(server)
+        _, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
 
         final = await server.wait_final(cid)
@@ -488,22 +403,25 @@ async def test_query_lag_with_a_lost_callback_is_settled_by_the_status_query(
         assert await ledger_callbacks(server, cid) == []
         await server.services.runner.wait_idle()
         queries = [e.detail["state"] for e in await events(server, payment.id) if e.kind == "query"]
+        # At least one "being processed" answer before the final one (how many more depends on
+        # how fast the polls come on this machine): the lag was respected, never cut short.
         assert queries[-1] == "final"
-        assert len(queries) >= 3
+        assert len(queries) >= 2
         assert set(queries[:-1]) == {"pending"}
         assert await transitions(server, payment.id) == ["PENDING", "COMPLETED"]
 
 
 async def test_contradicting_query_never_downgrades_a_success(server_factory: ServerFactory) -> None:
-    async with server_factory(**MANUAL) as server:  # simulator mode: token callbacks are not confirmed
+    # Token callbacks taken as they stand (simulator mode, or a merchant who turns confirmation off).
+    async with server_factory(**{**MANUAL, "confirm_success_by_query": False}) as server:
         await arm(server, {"query": {"contradict": True}})
-        order, initiated = await pay(server)
+        order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
         assert (await server.wait_final(cid))["status"] == "completed"
         await settled(server)
 
         # An operator's (or any later) STK Query now says the customer cancelled.
-        await server.services.payments.query_and_apply(initiated["payment_id"], source="query")
+        await server.services.payments.query_and_apply(initiated["payment_id"], source=Source.QUERY)
 
         payment = await payment_row(server, cid)
         push = (await pushes(server))[cid]
@@ -522,7 +440,7 @@ async def test_contradicting_query_never_downgrades_a_success(server_factory: Se
 async def test_contradicting_query_sends_a_reported_success_to_review(server_factory: ServerFactory) -> None:
     async with server_factory(**{**MANUAL, "confirm_success_by_query": True}) as server:
         await arm(server, {"query": {"contradict": True}})
-        order, initiated = await pay(server)
+        order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
 
         final = await server.wait_final(cid)
@@ -564,7 +482,7 @@ async def test_contradicting_query_then_late_success_goes_to_review(server_facto
         await arm(
             server, {"callback": {"mode": "delay", "delay_seconds": 1.0}, "query": {"contradict": True}}
         )
-        order, initiated = await pay(server)
+        order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
 
         first = await server.wait_final(cid)
@@ -595,7 +513,7 @@ async def test_five_concurrent_duplicates_settle_once(server_factory: ServerFact
     copies = 5
     async with server_factory(**{**MANUAL, "confirm_success_by_query": confirm}) as server:
         await arm(server, {"callback": {"mode": "duplicate", "count": copies}})
-        order, initiated = await pay(server)
+        order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
 
         assert (await server.wait_final(cid))["status"] == "completed"
@@ -609,7 +527,7 @@ async def test_five_concurrent_duplicates_settle_once(server_factory: ServerFact
         assert [c["status_code"] for c in sent] == [200] * copies
         rows = await inbox_rows(server, cid)
         assert len(rows) == copies
-        raw = json.dumps(sent[0]["body"], separators=(",", ":"))
+        raw = json.dumps(sent[0]["body"], separators=(",", ":")).encode()
         assert all(r.raw_body == raw for r in rows)  # stored exactly as sent
         assert all(r.processed_at is not None and r.received_at <= r.processed_at for r in rows)
         statuses = Counter(r.status for r in rows)
@@ -631,7 +549,13 @@ async def test_delayed_success_after_inferred_expiry_wins_and_is_flagged(
     server_factory: ServerFactory, confirm: bool
 ) -> None:
     window = 0.6
-    overrides = {**MANUAL, "reconciler_expire_after_seconds": window, "confirm_success_by_query": confirm}
+    overrides = {
+        **MANUAL,
+        "reconciler_expire_after_seconds": window,
+        "confirm_success_by_query": confirm,
+        # The late success waits for its confirming query longer than the prompt window here.
+        "confirmation_window_seconds": 10.0,
+    }
     async with server_factory(**overrides) as server:
         # The callback comes late; the query keeps saying "being processed" past the window (and,
         # with confirmation on, answers truthfully a while after the callback).
@@ -640,9 +564,9 @@ async def test_delayed_success_after_inferred_expiry_wins_and_is_flagged(
             server,
             {"callback": {"mode": "delay", "delay_seconds": 1.6}, "query": {"lag_seconds": lag}},
         )
-        order, initiated = await pay(server)
+        order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
-        reconciler, client = reconciler_for(server)
+        reconciler, client = reconciler_for(server, owner="faults-test")
 
         expired = await reconcile_until(server, reconciler, cid, PaymentState.EXPIRED)
         assert expired.pushed_at is not None
@@ -675,19 +599,19 @@ async def test_delayed_success_after_inferred_expiry_wins_and_is_flagged(
 
 async def test_receipt_reused_by_another_payment_goes_to_review(server_factory: ServerFactory) -> None:
     async with server_factory(**MANUAL) as server:
-        _, first = await pay(server)
+        _, first = await start_payment(server)
         assert (await server.wait_final(first["CheckoutRequestID"]))["status"] == "completed"
         receipt = (await pushes(server))[first["CheckoutRequestID"]]["receipt"]
         await arm(server, {"callback": {"mode": "drop", "times": 1}})
         phone = "254711000301"
-        order, second = await pay(server, phone)
+        order, second = await start_payment(server, phone)
         cid = second["CheckoutRequestID"]
         push = await customer_acted(server, cid)
         assert push["paid"] is True  # the customer really paid, with a receipt of their own
         assert push["receipt"] != receipt
 
         body = callback_body(cid, 0, receipt=receipt, amount=float(order["total"]), phone=int(phone))
-        token_path = push["callback_url"].removeprefix(server.base_url)
+        token_path = server.callback_path(push["callback_url"])
         assert (await server.client.post(token_path, json=body)).status_code == 200
         await settled(server)
 
@@ -751,18 +675,21 @@ async def test_reconciler_queries_are_paced(server_factory: ServerFactory) -> No
     count = 5
     async with server_factory(**{**MANUAL, "reconciler_max_queries_per_second": rate}) as server:
         await arm(server, {"callback": {"mode": "drop", "times": count}})
-        ids = [(await pay(server, f"2547110004{n:02d}"))[1]["CheckoutRequestID"] for n in range(count)]
+        ids = [(await start_checkout(server, f"2547110004{n:02d}"))[1] for n in range(count)]
         for cid in ids:
             await customer_acted(server, cid)
-        reconciler, client = reconciler_for(server)
+        reconciler, client = reconciler_for(server, owner="faults-test")
 
         report = await reconciler.run_once()
 
         assert (report.claimed, report.queried, report.settled) == (count, count, count)
-        assert client.count() == Counter({cid: 1 for cid in ids})
-        times = [at for _, at in client.queries]
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert min(gaps) >= 0.9 / rate, gaps
+        assert client.queries == Counter({cid: 1 for cid in ids})
+        times = [at for _, at in client.queried]
+        # The pacer spaces the moments it lets queries go by 1/rate; each query then leaves after
+        # a little work of its own, so single gaps jitter with the machine's load, but the span
+        # of the run cannot be shorter than the budget allows.
+        # (Unpaced, the five would go within a few tens of milliseconds.)
+        assert times[-1] - times[0] >= (count - 1) / rate - 0.1, times
         for cid in ids:
             payment = await payment_row(server, cid)
             assert payment.state is PaymentState.COMPLETED

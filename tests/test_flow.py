@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import (
+from tests.support.payments import start_checkout, start_payment
+from tests.support.phones import (
     CANCELLED_PHONE,
     EXPIRED_PHONE,
     INSUFFICIENT_PHONE,
@@ -12,8 +13,10 @@ from tests.conftest import (
     SILENT_SUCCESS_PHONE,
     SUCCESS_PHONE,
     WRONG_PIN_PHONE,
-    RunningServer,
 )
+from tests.support.rows import payment_row
+from tests.support.server import RunningServer
+from tests.support.simulator import push_for
 
 pytestmark = pytest.mark.anyio
 
@@ -31,10 +34,7 @@ OUTCOMES = [
 
 @pytest.mark.parametrize(("phone", "status", "reason", "result_code"), OUTCOMES)
 async def test_magic_number_end_to_end(server: RunningServer, phone, status, reason, result_code) -> None:
-    order = await server.create_order()
-    response = await server.initiate(order, phone)
-    assert response.status_code == 200, response.text
-    initiated = response.json()
+    order, initiated = await start_payment(server, phone)
     checkout_id = initiated["CheckoutRequestID"]
     assert checkout_id.startswith("ws_CO_")
     assert initiated["checkout_request_id"] == checkout_id
@@ -56,11 +56,9 @@ async def test_magic_number_end_to_end(server: RunningServer, phone, status, rea
 
 
 async def test_success_records_receipt_from_callback(server: RunningServer) -> None:
-    order = await server.create_order()
-    checkout_id = (await server.initiate(order, "0708 374 149")).json()["CheckoutRequestID"]
+    order, checkout_id = await start_checkout(server, "0708 374 149")
     final = await server.wait_final(checkout_id)
-    ledger = await server.ledger()
-    push = next(p for p in ledger["pushes"] if p["CheckoutRequestID"] == checkout_id)
+    push = await push_for(server, checkout_id)
     assert final["mpesa_receipt_number"] == push["receipt"]
     assert final["payment"]["mpesa_receipt_number"] == push["receipt"]
     assert final["payment"]["phone"] == "2547****149"
@@ -68,8 +66,7 @@ async def test_success_records_receipt_from_callback(server: RunningServer) -> N
 
 
 async def test_callback_never_sent_is_settled_by_status_query(server: RunningServer) -> None:
-    order = await server.create_order()
-    checkout_id = (await server.initiate(order, SILENT_SUCCESS_PHONE)).json()["CheckoutRequestID"]
+    _, checkout_id = await start_checkout(server, SILENT_SUCCESS_PHONE)
 
     final = await server.wait_final(checkout_id)
 
@@ -77,12 +74,5 @@ async def test_callback_never_sent_is_settled_by_status_query(server: RunningSer
     assert final["ResultCode"] == "0"
     ledger = await server.ledger()
     assert not [c for c in ledger["callbacks"] if c["CheckoutRequestID"] == checkout_id]
-    payment = await _payment(server, checkout_id)
+    payment = await payment_row(server, checkout_id)
     assert payment.settled_by == "status_query"
-
-
-async def _payment(server: RunningServer, checkout_id: str):
-    from lipia.payments import find_payment
-
-    async with server.services.db.read() as session:
-        return await find_payment(session, checkout_id)

@@ -1,4 +1,4 @@
-"""The forgery suite (issue 4, reliability.md T3): crafted callbacks never mark an order paid.
+"""The forgery suite: crafted callbacks never mark an order paid.
 
 lipia runs here as it does in production: a reported success is confirmed by STK Query before
 the order is paid, and the bare path is only a hint. The simulator's ledger is the truth about
@@ -14,15 +14,14 @@ from typing import Any
 import pytest
 
 from lipia.models import CallbackStatus, PaymentState
-from tests.conftest import NO_RESPONSE_PHONE, SUCCESS_PHONE, RunningServer, ServerFactory
-from tests.helpers import (
-    arm,
-    callback_body,
-    inbox_rows,
-    payment_row,
-    push_for,
-    settle_inbox,
-)
+from tests.support.daraja import callback_body
+from tests.support.envelope import assert_envelope
+from tests.support.payments import start_checkout
+from tests.support.phones import NO_RESPONSE_PHONE, SUCCESS_PHONE
+from tests.support.rows import inbox_rows, payment_row
+from tests.support.server import RunningServer, ServerFactory
+from tests.support.simulator import arm, push_for
+from tests.support.waiting import settle_inbox
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +29,10 @@ pytestmark = pytest.mark.anyio
 # (tests that need them to act sooner use the simulator's /act).
 LIVE = {
     "confirm_success_by_query": True,
-    "simulator_prompt_timeout_seconds": 5.0,
-    "simulator_callback_delay_seconds": 5.0,
+    # Customers answer only when a test makes them act: on a loaded machine a few seconds could
+    # pass before the assertions, and a real payment would then look like a forgery that paid.
+    "simulator_prompt_timeout_seconds": 120.0,
+    "simulator_callback_delay_seconds": 120.0,
 }
 
 
@@ -39,10 +40,7 @@ async def pending_payment(
     server: RunningServer, phone: str = NO_RESPONSE_PHONE
 ) -> tuple[dict[str, Any], str]:
     """A payment whose customer has not acted yet."""
-    order = await server.create_order()
-    response = await server.initiate(order, phone)
-    assert response.status_code == 200, response.text
-    return order, response.json()["CheckoutRequestID"]
+    return await start_checkout(server, phone)
 
 
 async def assert_not_paid(server: RunningServer, order: dict[str, Any], checkout_id: str) -> None:
@@ -60,7 +58,7 @@ async def assert_not_paid(server: RunningServer, order: dict[str, Any], checkout
 
 
 def token_path(server: RunningServer, push: dict[str, Any]) -> str:
-    return str(push["callback_url"]).removeprefix(server.base_url)
+    return server.callback_path(str(push["callback_url"]))
 
 
 async def test_success_on_bare_path_for_unpaid_payment(server_factory: ServerFactory) -> None:
@@ -124,7 +122,7 @@ async def test_unconfirmed_success_goes_to_review_when_the_customer_cancels(
         push = await push_for(server, checkout_id)
         body = callback_body(checkout_id, 0, amount=order["total"], phone=int("254700001032"))
         assert (await server.client.post(token_path(server, push), json=body)).status_code == 200
-        await server.client.post(f"/daraja/simulator/pushes/{checkout_id}/act")
+        await server.sim.post(f"/simulator/pushes/{checkout_id}/act")
 
         final = await server.wait_final(checkout_id)
 
@@ -145,7 +143,7 @@ async def test_confirmed_success_with_wrong_amount_or_phone_goes_to_review(
         order = await server.create_order()
         checkout_id = (await server.initiate(order, SUCCESS_PHONE)).json()["CheckoutRequestID"]
         push = await push_for(server, checkout_id)
-        await server.client.post(f"/daraja/simulator/pushes/{checkout_id}/act")
+        await server.sim.post(f"/simulator/pushes/{checkout_id}/act")
         args: dict[str, Any] = {"amount": order["total"], "phone": int(SUCCESS_PHONE), field: value}
         body = callback_body(checkout_id, 0, receipt="FRG0000001", **args)
 
@@ -163,7 +161,7 @@ async def test_genuine_body_replayed_onto_another_payment(server_factory: Server
     async with server_factory(**LIVE) as server:
         paid_order = await server.create_order()
         paid_id = (await server.initiate(paid_order, SUCCESS_PHONE)).json()["CheckoutRequestID"]
-        await server.client.post(f"/daraja/simulator/pushes/{paid_id}/act")
+        await server.sim.post(f"/simulator/pushes/{paid_id}/act")
         assert (await server.wait_final(paid_id))["status"] == "completed"
         ledger = await server.ledger()
         genuine = next(c["body"] for c in ledger["callbacks"] if c["CheckoutRequestID"] == paid_id)
@@ -241,10 +239,11 @@ async def test_malformed_oversized_and_mistyped_bodies(
         response = await server.client.post(path, content=raw, headers={"content-type": content_type})
 
         assert response.status_code == expected
-        assert set(response.json()) == {"error", "detail"}
+        assert_envelope(response.json())
         await assert_not_paid(server, order, checkout_id)
 
 
+@pytest.mark.slow
 async def test_forgeries_in_bulk_never_pay_and_never_5xx(server_factory: ServerFactory) -> None:
     """Many crafted callbacks of every kind at once against several live payments."""
     async with server_factory(**LIVE) as server:
@@ -252,9 +251,13 @@ async def test_forgeries_in_bulk_never_pay_and_never_5xx(server_factory: ServerF
             await pending_payment(server, phone) for phone in ("254711000001", "254711000002", "0111000003")
         ]
         requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        expected: list[int] = []
         for order, checkout_id in targets:
             push = await push_for(server, checkout_id)
             for code in (0, "0", 0.0):
+                # A float ResultCode is no Daraja callback (400 InvalidCallback, still stored); the
+                # others are acknowledged (200) whatever their path, token or claimed source.
+                expected += [400 if isinstance(code, float) else 200] * 4
                 body = callback_body(checkout_id, code, amount=order["total"])
                 requests.append(("/api/payments/mpesa/callback", body, {}))
                 requests.append(("/api/payments/mpesa/callback/guess", body, {}))
@@ -266,6 +269,6 @@ async def test_forgeries_in_bulk_never_pay_and_never_5xx(server_factory: ServerF
             *(server.client.post(path, json=body, headers=headers) for path, body, headers in requests)
         )
 
-        assert all(r.status_code < 500 for r in responses)
+        assert [r.status_code for r in responses] == expected
         for order, checkout_id in targets:
             await assert_not_paid(server, order, checkout_id)

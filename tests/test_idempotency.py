@@ -13,20 +13,16 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from lipia.idempotency import (
-    COMPLETED,
-    IN_FLIGHT,
-    REPLAYED_HEADER,
-    SCOPE_INITIATE,
-    fingerprint,
-    initiate_request,
-    purge_expired,
-)
+from lipia.http.idempotency import REPLAYED_HEADER
+from lipia.idempotency import COMPLETED, IN_FLIGHT, fingerprint, purge_expired
 from lipia.models import IdempotencyKey, Payment, PaymentState, utcnow
-from tests.conftest import SUCCESS_PHONE, RunningServer
-from tests.helpers import arm
+from lipia.payments.initiation import IDEMPOTENCY_SCOPE as SCOPE_INITIATE
+from lipia.payments.initiation import idempotency_request as initiate_request
+from tests.support.phones import SUCCESS_PHONE
+from tests.support.server import RunningServer, ServerFactory
+from tests.support.simulator import arm
 
 pytestmark = pytest.mark.anyio
 
@@ -254,7 +250,7 @@ async def test_a_key_never_pushes_twice_even_after_its_payment_expired(server: R
     reconciler does when no answer came); the client retries with the same key. That key already
     spent its one push: the retry gets that payment back, never a second prompt (found by the
     chaos run: a customer paid twice)."""
-    await server.client.post("/daraja/simulator/faults", json={"callback": {"mode": "drop", "times": 1}})
+    await server.sim.post("/simulator/faults", json={"callback": {"mode": "drop", "times": 1}})
     order = await server.create_order()
     key = new_key()
     first = await post(server, body_for(order), key)
@@ -319,7 +315,13 @@ async def test_key_older_than_the_window_starts_a_new_request(server: RunningSer
     assert await push_count(server) == 1
 
 
-async def test_purge_keeps_recent_keys_and_running_requests(server: RunningServer) -> None:
+async def test_purge_keeps_recent_keys_and_running_requests(server_factory: ServerFactory) -> None:
+    # The reconciler's housekeeping would purge them first: this test calls the purge itself.
+    async with server_factory(reconciler_enabled=False) as server:
+        await _purge_keeps_recent_keys_and_running_requests(server)
+
+
+async def _purge_keeps_recent_keys_and_running_requests(server: RunningServer) -> None:
     order = await server.create_order()
     old = utcnow() - timedelta(hours=80)
     await _insert_key(
@@ -385,3 +387,25 @@ async def test_openapi_documents_the_header_and_its_errors(server: RunningServer
     assert param["required"] is False
     assert {"200", "400", "409", "422"} <= set(operation["responses"])
     assert "IdempotencyKeyReused" in operation["responses"]["422"]["description"]
+
+
+async def test_an_expired_key_never_brings_back_another_orders_payment(server: RunningServer) -> None:
+    first = await server.create_order()
+    answer = await post(server, body_for(first), "reused-key")
+    assert answer.status_code == 200
+    await server.wait_final(answer.json()["CheckoutRequestID"])
+    # 73 hours later (the key is past its 72 h retention), someone uses it for another order.
+    long_ago = utcnow() - timedelta(hours=73)
+    async with server.services.db.write() as session:
+        await session.execute(update(IdempotencyKey).values(created_at=long_ago))
+        await session.execute(update(Payment).values(created_at=long_ago))
+    second = await server.create_order([{"menu_item_id": "chai", "quantity": 1}])
+
+    response = await post(server, body_for(second), "reused-key")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["order_id"] == second["order_id"]
+    assert body["payment_id"] != answer.json()["payment_id"]
+    assert response.headers.get("Idempotent-Replayed") is None
+    assert await push_count(server) == 2

@@ -1,6 +1,6 @@
-"""Model-based test of the payment lifecycle (reliability.md §3.5 T10, in-process part).
+"""Model-based test of the payment lifecycle (in-process).
 
-Hypothesis drives lipia's own domain code (``lipia.settlement.transition`` and
+Hypothesis drives lipia's own domain code (``lipia.payments.settlement.transition`` and
 ``apply_evidence``, the callback inbox's ``store``/``apply``) against a real SQLite file with
 sequences of evidence a payment can meet in the field: callbacks with any result code,
 duplicates, a second success with another receipt, a receipt already used elsewhere, a wrong
@@ -17,7 +17,7 @@ callback replayed to another payment's token. After every step the database must
   and none is COMPLETED without one (no phantom).
 
 Runs in about 20 s by default; ``LIPIA_STATEFUL_EXAMPLES`` / ``LIPIA_STATEFUL_STEPS`` run it
-longer (e.g. 500 x 50 as in T10) and ``LIPIA_STATEFUL_SHRINK=1`` shrinks a failure (minutes).
+longer (e.g. 500 x 50) and ``LIPIA_STATEFUL_SHRINK=1`` shrinks a failure (minutes).
 The shortest failing sequences found so far are kept at the end as plain regression tests.
 """
 
@@ -33,9 +33,11 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
@@ -51,22 +53,37 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import select
 
+from lipia.config import Settings
+from lipia.daraja import DarajaClient
 from lipia.db import Database
-from lipia.inbox import CallbackInboxService
-from lipia.initiation import hash_token, new_account_reference, new_payment_id
+from lipia.errors import LipiaError
 from lipia.models import (
     LIVE_STATES,
     TRANSITIONS,
+    CallbackInbox,
+    CallbackStatus,
+    EventKind,
     Order,
     OrderStatus,
     Payment,
     PaymentEvent,
     PaymentState,
+    Source,
     utcnow,
 )
-from lipia.settlement import Evidence, apply_evidence, transition
+from lipia.payments import confirmation
+from lipia.payments.inbox import CallbackInboxService
+from lipia.payments.initiation import NewPayment, PushLimits, open_payment
+from lipia.payments.settlement import lock_for_settlement, transition
+from lipia.runtime import build_workers
+from tests.support.databases import database_url, drop_databases_under
+
+# Slow (see the README's "Tests"): deselected by -m 'not slow', and given longer than the default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 T = TypeVar("T")
+
+LIMITS = PushLimits(per_phone=1000, per_ip=1000, window=timedelta(minutes=10))
 
 EXAMPLES = int(os.environ.get("LIPIA_STATEFUL_EXAMPLES", "50"))
 STEPS = int(os.environ.get("LIPIA_STATEFUL_STEPS", "30"))
@@ -99,7 +116,11 @@ class PaymentModel:
     amount: int
     phone: str
     bodies: list[bytes] = field(default_factory=list)  # callbacks delivered, for duplicates
-    met_success: bool = False  # some success evidence reached it (callback or query)
+    # Verified money: a query said "0", or (confirmation off) a success callback that names its
+    # amount and payer. Only this may complete a payment.
+    met_success: bool = False
+    # A success callback arrived, verified or not: it must end in COMPLETED or NEEDS_REVIEW.
+    reported_success: bool = False
     was_completed: bool = False
 
 
@@ -115,8 +136,9 @@ def callback_body(
     receipt: str | None = None,
     amount: int | None = None,
     checkout_request_id: str | None = None,
+    leave_out: str | None = None,
 ) -> bytes:
-    """A Daraja STK callback (reference/daraja.md §5): failures carry no CallbackMetadata."""
+    """A Daraja STK callback: failures carry no CallbackMetadata; ``leave_out`` drops one item."""
     callback: dict[str, Any] = {
         "MerchantRequestID": f"29115-{payment.id}",
         "CheckoutRequestID": checkout_request_id or payment.checkout_request_id,
@@ -133,21 +155,34 @@ def callback_body(
                 {"Name": "PhoneNumber", "Value": int(payment.phone)},
             ]
         }
+        items = callback["CallbackMetadata"]["Item"]
+        callback["CallbackMetadata"]["Item"] = [item for item in items if item["Name"] != leave_out]
     return json.dumps({"Body": {"stkCallback": callback}}).encode()
 
 
 class PaymentLifecycle(RuleBasedStateMachine):
     orders = Bundle("orders")
     payments = Bundle("payments")
+    # Live mode: every reported success is confirmed by STK Query before it counts.
+    CONFIRM = False
 
     def __init__(self) -> None:
         super().__init__()
         # One event loop for the whole example: the engine's connections belong to it.
         self.runner = asyncio.Runner()
         self.tmp = Path(tempfile.mkdtemp(prefix="lipia-stateful-"))
-        self.db = Database.from_url(f"sqlite+aiosqlite:///{self.tmp / 'lipia.db'}")
+        settings = Settings(
+            _env_file=None,
+            database_url=database_url(self.tmp),
+            confirm_success_by_query=self.CONFIRM,
+        )
+        self.db = Database.from_url(settings.database_url)
         self.run(self.db.create_all())
-        self.inbox = CallbackInboxService(self.db, confirm_by_query=False)
+        # The real wiring, minus Daraja: queries are the machine's own `query_answer` steps, so
+        # the inbox gets no query runner and the reconciler is only asked to conclude.
+        workers = build_workers(self.db, cast(DarajaClient, None), settings, owner="stateful")
+        self.reconciler = workers.reconciler
+        self.inbox = CallbackInboxService(self.db, policy=workers.inbox.policy)
         self.models: dict[str, PaymentModel] = {}
         self.receipts: list[str] = []  # every receipt sent so far (for the "reused" rule)
 
@@ -159,6 +194,7 @@ class PaymentLifecycle(RuleBasedStateMachine):
             self.run(self.db.dispose())
         finally:
             self.runner.close()
+            drop_databases_under(self.tmp)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def new_receipt(self) -> str:
@@ -198,50 +234,60 @@ class PaymentLifecycle(RuleBasedStateMachine):
 
     @rule(target=payments, order_id=orders)
     def create_payment(self, order_id: str) -> Any:
-        """Commit an INITIATING row, then the push is accepted: PENDING with its CheckoutRequestID."""
+        """lipia's own phase 1 (``open_payment``), then the push is accepted: PENDING with its
+        CheckoutRequestID. It must refuse exactly when the order is paid, has a live push, or has
+        a payment under review or holding a success that awaits confirmation."""
         token = secrets.token_urlsafe(16)
-        model = PaymentModel(
-            id=new_payment_id(),
-            order_id=order_id,
-            token=token,
-            checkout_request_id=f"ws_CO_{secrets.token_hex(8)}",
-            amount=0,
-            phone=f"2547{next(_ids) % 10**8:08d}",
-        )
+        phone = f"2547{next(_ids) % 10**8:08d}"
+        checkout_request_id = f"ws_CO_{secrets.token_hex(8)}"
 
-        async def insert() -> bool:
-            async with self.db.write() as session:
+        async def blocked() -> bool:
+            async with self.db.read() as session:
                 order = await session.get(Order, order_id)
                 assert order is not None
-                live = await session.scalar(
-                    select(Payment.id).where(Payment.order_id == order_id, Payment.state.in_(LIVE_STATES))
-                )
-                # lipia refuses a push for a paid order or one with a live push (payments._open_payment).
-                if order.status is OrderStatus.PAID or live is not None:
-                    return False
-                model.amount = order.total
-                session.add(
-                    Payment(
-                        id=model.id,
-                        order_id=order_id,
-                        state=PaymentState.INITIATING,
-                        amount=order.total,
-                        phone=model.phone,
-                        callback_token_hash=hash_token(token),
-                        account_reference=new_account_reference(),
+                holding = await session.scalar(
+                    select(Payment.id).where(
+                        Payment.order_id == order_id,
+                        (Payment.state.in_(LIVE_STATES)) | confirmation.blocks_new_push(),
                     )
                 )
-            async with self.db.write() as session:
-                payment = await session.get(Payment, model.id)
-                assert payment is not None
-                values = {"checkout_request_id": model.checkout_request_id, "pushed_at": utcnow()}
-                assert await transition(
-                    session, payment, PaymentState.PENDING, source="initiate", values=values
-                )
-            return True
+                return order.status is OrderStatus.PAID or holding is not None
 
-        if not self.run(insert()):
+        async def insert() -> Payment | None:
+            async with self.db.read() as session:
+                order = await session.get(Order, order_id)
+                assert order is not None
+                total = order.total
+            new = NewPayment(order_id=order_id, msisdn=phone, amount=total, token=token)
+            try:
+                async with self.db.write() as session:
+                    payment, created = await open_payment(session, new, LIMITS)
+            except LipiaError:
+                return None
+            if not created:
+                return None  # the order's live payment came back instead
+            async with self.db.write() as session:
+                row = await lock_for_settlement(session, payment.id)
+                assert row is not None
+                values = {"checkout_request_id": checkout_request_id, "pushed_at": utcnow()}
+                assert await transition(
+                    session, row, PaymentState.PENDING, source=Source.INITIATE, values=values
+                )
+            return row
+
+        was_blocked = self.run(blocked())
+        payment = self.run(insert())
+        assert (payment is None) == was_blocked, f"open_payment {'took' if payment else 'refused'} {order_id}"
+        if payment is None:
             return multiple()
+        model = PaymentModel(
+            id=payment.id,
+            order_id=order_id,
+            token=token,
+            checkout_request_id=checkout_request_id,
+            amount=payment.amount,
+            phone=phone,
+        )
         self.models[model.id] = model
         return model.id
 
@@ -259,8 +305,12 @@ class PaymentLifecycle(RuleBasedStateMachine):
         self.run(go())
         payment.bodies.append(body)
 
-    def note_success(self, payment: PaymentModel) -> None:
-        payment.met_success = True
+    def note_reported_success(self, payment: PaymentModel, *, complete: bool = True) -> None:
+        """A success callback went in: verified money only when lipia takes callbacks as they
+        stand (confirmation off) and this one names its amount and payer."""
+        payment.reported_success = True
+        if complete and not self.CONFIRM:
+            payment.met_success = True
 
     @rule(payment_id=payments, code=st.sampled_from(RESULT_CODES))
     def callback(self, payment_id: str, code: str) -> None:
@@ -270,7 +320,7 @@ class PaymentLifecycle(RuleBasedStateMachine):
         receipt = self.new_receipt() if code == "0" else None
         self.deliver(payment, callback_body(payment, code, receipt=receipt))
         if code == "0":
-            self.note_success(payment)
+            self.note_reported_success(payment)
 
     @rule(payment_id=payments, copies=st.integers(min_value=1, max_value=3))
     def duplicate_callback(self, payment_id: str, copies: int) -> None:
@@ -288,14 +338,21 @@ class PaymentLifecycle(RuleBasedStateMachine):
         payment = self.models[payment_id]
         receipt = data.draw(st.sampled_from(self.receipts))
         self.deliver(payment, callback_body(payment, "0", receipt=receipt))
-        self.note_success(payment)
+        self.note_reported_success(payment)
 
     @rule(payment_id=payments, delta=st.sampled_from([-1, 1, 100]))
     def success_with_wrong_amount(self, payment_id: str, delta: int) -> None:
         payment = self.models[payment_id]
         amount = max(payment.amount + delta, 0)
         self.deliver(payment, callback_body(payment, "0", receipt=self.new_receipt(), amount=amount))
-        self.note_success(payment)
+        self.note_reported_success(payment)
+
+    @rule(payment_id=payments, item=st.sampled_from(["Amount", "PhoneNumber", "MpesaReceiptNumber"]))
+    def success_without_details(self, payment_id: str, item: str) -> None:
+        """A success that leaves out what lipia checks it against: never a match on its own."""
+        payment = self.models[payment_id]
+        self.deliver(payment, callback_body(payment, "0", receipt=self.new_receipt(), leave_out=item))
+        self.note_reported_success(payment, complete=False)
 
     @rule(victim_id=payments, source_id=payments)
     def callback_for_another_token(self, victim_id: str, source_id: str) -> None:
@@ -322,27 +379,36 @@ class PaymentLifecycle(RuleBasedStateMachine):
 
         async def go() -> None:
             async with self.db.write() as session:
-                row = await session.get(Payment, payment.id)
+                row = await lock_for_settlement(session, payment.id)
                 assert row is not None
-                await apply_evidence(session, row, Evidence("query", code, DESCRIPTIONS[code]))
+                await confirmation.settle_query_answer(
+                    session, row, source=Source.QUERY, result_code=code, result_desc=DESCRIPTIONS[code]
+                )
 
         self.run(go())
         if code == "0":
-            self.note_success(payment)
+            payment.met_success = True
 
     @rule(payment_id=payments)
-    def expire(self, payment_id: str) -> None:
-        """The reconciler's expiry: a live payment with no final answer after the prompt window."""
+    def window_passes(self, payment_id: str) -> None:
+        """The reconciler's round once the prompt window (and any confirmation window) has
+        passed and the last query still said "being processed"."""
         payment = self.models[payment_id]
+        later = utcnow() + timedelta(days=1)
 
-        async def go() -> None:
+        async def go() -> Payment:
             async with self.db.write() as session:
-                row = await session.get(Payment, payment.id)
+                row = await lock_for_settlement(session, payment.id)
                 assert row is not None
-                if row.state in LIVE_STATES:
-                    assert await transition(session, row, PaymentState.EXPIRED, source="reconciler")
+                await self.reconciler.conclude(session, row, "pending", later)
+                return row
 
-        self.run(go())
+        row = self.run(go())
+        # Settlement never parks evidence: after the round, nothing waits any more.
+        assert row.confirmation_requested_at is None, row.id
+        assert row.state not in LIVE_STATES, row.id
+        if payment.reported_success or payment.met_success:
+            assert row.state in (PaymentState.COMPLETED, PaymentState.NEEDS_REVIEW), (row.id, row.state)
 
     @precondition(lambda self: bool(self.models))
     @rule(data=st.data())
@@ -353,24 +419,31 @@ class PaymentLifecycle(RuleBasedStateMachine):
             return
         payment = data.draw(st.sampled_from(expired))
         self.deliver(payment, callback_body(payment, "0", receipt=self.new_receipt()))
-        self.note_success(payment)
+        self.note_reported_success(payment)
 
     # -- invariants -----------------------------------------------------------------------------
 
-    async def _snapshot(self) -> tuple[list[Payment], list[Order], list[PaymentEvent]]:
+    async def _snapshot(self) -> tuple[list[Payment], list[Order], list[PaymentEvent], list[CallbackInbox]]:
         async with self.db.read() as session:
             payments = list(await session.scalars(select(Payment)))
             orders = list(await session.scalars(select(Order)))
             events = list(
                 await session.scalars(
-                    select(PaymentEvent).where(PaymentEvent.kind == "transition").order_by(PaymentEvent.id)
+                    select(PaymentEvent)
+                    .where(PaymentEvent.kind == EventKind.TRANSITION)
+                    .order_by(PaymentEvent.id)
                 )
             )
-        return payments, orders, events
+            held = list(
+                await session.scalars(
+                    select(CallbackInbox).where(CallbackInbox.status == CallbackStatus.AWAITING_CONFIRMATION)
+                )
+            )
+        return payments, orders, events, held
 
     @invariant()
     def database_is_consistent(self) -> None:
-        payments, orders, events = self.run(self._snapshot())
+        payments, orders, events, held = self.run(self._snapshot())
         by_id = {p.id: p for p in payments}
 
         # I7: allowed edges only, chained, ending in the current state.
@@ -388,18 +461,27 @@ class PaymentLifecycle(RuleBasedStateMachine):
         for payment in payments:
             assert last.get(payment.id, "INITIATING") == payment.state.value, payment.id
 
-        # Success is sticky; evidence of money is never dropped, and there is none without it.
+        # Held evidence: a payment holds it exactly when it has a callback waiting for its query.
+        holding = {row.payment_id for row in held}
+        for payment in payments:
+            assert (payment.confirmation_requested_at is not None) == (payment.id in holding), payment.id
+            if payment.id in holding:
+                assert self.models[payment.id].reported_success, payment.id
+                assert payment.state not in (PaymentState.COMPLETED, PaymentState.NEEDS_REVIEW), payment.id
+
+        # Success is sticky; evidence of money is never dropped (it is settled, or held for its
+        # confirming query), and nothing completes without verified money (no phantom).
         for payment in payments:
             model = self.models[payment.id]
             if model.was_completed:
                 assert payment.state in (PaymentState.COMPLETED, PaymentState.NEEDS_REVIEW), payment.id
             if payment.state is PaymentState.COMPLETED:
                 model.was_completed = True
-                assert model.met_success, f"{payment.id} COMPLETED without a success"
-            if model.met_success:
-                assert payment.state in (PaymentState.COMPLETED, PaymentState.NEEDS_REVIEW), (
-                    f"{payment.id} met a success but is {payment.state}"
-                )
+                assert model.met_success, f"{payment.id} COMPLETED without verified money"
+            if model.met_success or model.reported_success:
+                assert payment.state in (PaymentState.COMPLETED, PaymentState.NEEDS_REVIEW) or (
+                    payment.id in holding
+                ), f"{payment.id} met a success but is {payment.state}"
 
         # I2: one credited payment per order, and the order says so. Credited: COMPLETED, or the
         # order's paying payment sent to review after it was COMPLETED (ResultCode "0" kept): the
@@ -440,7 +522,13 @@ class PaymentLifecycle(RuleBasedStateMachine):
         assert all(count == 1 for count in receipts.values()), receipts.most_common(3)
 
 
-PaymentLifecycle.TestCase.settings = settings(
+class ConfirmingPaymentLifecycle(PaymentLifecycle):
+    """The same machine as a merchant runs lipia live: successes wait for STK Query."""
+
+    CONFIRM = True
+
+
+_SETTINGS = settings(
     max_examples=EXAMPLES,
     stateful_step_count=STEPS,
     deadline=None,
@@ -448,7 +536,10 @@ PaymentLifecycle.TestCase.settings = settings(
     report_multiple_bugs=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+PaymentLifecycle.TestCase.settings = _SETTINGS
+ConfirmingPaymentLifecycle.TestCase.settings = _SETTINGS
 TestPaymentLifecycle = PaymentLifecycle.TestCase
+TestConfirmingPaymentLifecycle = ConfirmingPaymentLifecycle.TestCase
 
 
 # -- the shortest sequences that broke the invariants, as plain regression tests ---------------

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from lipia.orders import MAX_LINES, MAX_ORDER_TOTAL, MAX_QUANTITY
-from tests.conftest import RunningServer, running_server
+from lipia.shop.orders import MAX_LINES, MAX_ORDER_TOTAL, MAX_QUANTITY
+from tests.support.envelope import assert_error_response
+from tests.support.server import RunningServer, running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -38,23 +38,15 @@ def _available(menu: dict[str, Any]) -> list[dict[str, Any]]:
     return [item for item in menu["items"] if item["available"]]
 
 
-def assert_error(response: httpx.Response, *, status: int | None = None) -> dict[str, Any]:
-    """A 4xx with the JSON envelope ``{"error": ..., "detail": ...}``."""
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    if status is not None:
-        assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body: dict[str, Any] = response.json()
-    assert set(body) == {"error", "detail"}, body
-    assert isinstance(body["error"], str)
-    assert body["error"]
-    assert body["detail"]
-    return body
+def assert_error(response: httpx.Response, *, status: int) -> dict[str, Any]:
+    """The 4xx ``status`` in the one JSON error envelope (tests/support/envelope.py)."""
+    assert 400 <= status < 500, status
+    return assert_error_response(response, status)
 
 
 def _detail_text(body: dict[str, Any]) -> str:
-    detail = body["detail"]
-    return detail if isinstance(detail, str) else json.dumps(detail)
+    detail: str = body["detail"]
+    return detail
 
 
 # -- menu --------------------------------------------------------------------------------------
@@ -228,7 +220,8 @@ async def test_non_integer_quantity_is_refused(server: RunningServer, quantity: 
     body = assert_error(
         await server.client.post(
             "/api/orders", json={"items": [{"menu_item_id": item["id"], "quantity": quantity}]}
-        )
+        ),
+        status=422,
     )
 
     assert "quantity" in _detail_text(body).lower()
@@ -260,6 +253,29 @@ async def test_malformed_order_is_refused_with_the_field_named(
 ) -> None:
     body = assert_error(await server.client.post("/api/orders", json=payload), status=422)
     assert names in _detail_text(body)
+    if body["error"] == "ValidationError":
+        assert any(names in error["loc"] for error in body["errors"]), body
+
+
+async def test_a_validation_error_names_each_field_in_detail_and_lists_them_in_errors(
+    server: RunningServer,
+) -> None:
+    payload = {"items": [{"menu_item_id": "pilau-beef", "quantity": "two"}, {"quantity": 1}]}
+
+    body = assert_error(await server.client.post("/api/orders", json=payload), status=422)
+
+    assert body["error"] == "ValidationError"
+    assert body["errors"] == [
+        {
+            "loc": ["body", "items", 0, "quantity"],
+            "msg": "Input should be a valid integer",
+            "type": "int_type",
+        },
+        {"loc": ["body", "items", 1, "menu_item_id"], "msg": "Field required", "type": "missing"},
+    ]
+    assert body["detail"] == (
+        "items[0].quantity: Input should be a valid integer; items[1].menu_item_id: Field required"
+    )
 
 
 async def test_too_many_lines_is_refused(server: RunningServer) -> None:
@@ -294,31 +310,32 @@ async def test_total_above_the_mpesa_limit_is_refused(server: RunningServer) -> 
     assert str(total) in text.replace(",", "")
 
 
+# JSON that is not an order is invalid input (422); a body that is not UTF-8 is not JSON at all (400).
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "status"),
     [
-        b"{not json",
-        b"",
-        b"[]",
-        b'"items"',
-        b"null",
-        b"42",
-        b'{"items": [',
-        '{"items": "\xff"}'.encode("latin-1"),
+        (b"{not json", 422),
+        (b"", 422),
+        (b"[]", 422),
+        (b'"items"', 422),
+        (b"null", 422),
+        (b"42", 422),
+        (b'{"items": [', 422),
+        ('{"items": "\xff"}'.encode("latin-1"), 400),
     ],
 )
-async def test_malformed_json_body_is_a_4xx_json(server: RunningServer, raw: bytes) -> None:
+async def test_malformed_json_body_is_a_4xx_json(server: RunningServer, raw: bytes, status: int) -> None:
     response = await server.client.post(
         "/api/orders", content=raw, headers={"content-type": "application/json"}
     )
-    assert_error(response)
+    assert_error(response, status=status)
 
 
 async def test_wrong_content_type_is_a_4xx_json(server: RunningServer) -> None:
     response = await server.client.post(
         "/api/orders", content=b"items=pilau-beef", headers={"content-type": "text/plain"}
     )
-    assert_error(response)
+    assert_error(response, status=422)
 
 
 # -- reading orders ----------------------------------------------------------------------------
@@ -358,3 +375,29 @@ async def test_order_ids_are_unique(server: RunningServer) -> None:
 async def test_unknown_order_is_404_json(server: RunningServer, order_id: str) -> None:
     body = assert_error(await server.client.get(f"/api/orders/{order_id}"), status=404)
     assert body["error"]
+
+
+async def test_customer_name_and_note_need_the_orders_access_key(server: RunningServer) -> None:
+    """An order id travels in status answers and URLs; the customer's own words stay with whoever
+    created the order."""
+    body = {
+        "items": [{"menu_item_id": "pilau-beef", "quantity": 1}],
+        "customer_name": "Wanjiku",
+        "note": "Gate B",
+    }
+    created = await server.client.post("/api/orders", json=body)
+    assert created.status_code == 201
+    order = created.json()
+    assert (order["customer_name"], order["note"]) == ("Wanjiku", "Gate B")
+    key = order["access_key"]
+    assert len(key) >= 24
+
+    anonymous = (await server.client.get(f"/api/orders/{order['order_id']}")).json()
+    wrong = (await server.client.get(f"/api/orders/{order['order_id']}", headers={"X-Order-Key": "x"})).json()
+    owner = (await server.client.get(f"/api/orders/{order['order_id']}", headers={"X-Order-Key": key})).json()
+
+    assert (anonymous["customer_name"], anonymous["note"]) == (None, None)
+    assert (wrong["customer_name"], wrong["note"]) == (None, None)
+    assert (owner["customer_name"], owner["note"]) == ("Wanjiku", "Gate B")
+    assert "access_key" not in owner
+    assert anonymous["total"] == owner["total"]  # what the checkout needs is public

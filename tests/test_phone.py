@@ -5,7 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lipia.errors import InvalidPhone
-from lipia.phone import normalize_phone
+from lipia.shop.phone import normalize_phone
+
+# The simulator, the client and the parsers: the same whatever lipia's mode or database.
+pytestmark = pytest.mark.any_configuration
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Schemathesis against lipia's own OpenAPI schema, every operation, every phase (issue 4 item 7).
+"""Schemathesis against lipia's own OpenAPI schema, every operation, every phase.
 
 lipia runs for real (uvicorn in a thread, SQLite file, the built-in simulator); Schemathesis
 sends what the schema allows and what it forbids. Pass: no server error, and no response that
@@ -23,9 +23,12 @@ import pytest
 import uvicorn
 
 from lipia.app import create_app
-from tests.conftest import fast_settings
+from tests.support.server import fast_settings
 
-ADMIN_TOKEN = "schemathesis-admin-token"
+# Slow (see the README's "Tests"): deselected by -m 'not slow', and given longer than the default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ADMIN_TOKEN = "9c1f4a7e2b8d6035e1f9a4c7b2d8e603"  # strong enough for live mode
 # CI runs a fixed seed so a red run is reproducible; LIPIA_FUZZ_SEED=random and
 # LIPIA_FUZZ_EXAMPLES=500 make a longer, fresh hunt.
 MAX_EXAMPLES = os.environ.get("LIPIA_FUZZ_EXAMPLES", "40")
@@ -39,7 +42,9 @@ def lipia_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    app = create_app(fast_settings(tmp, port, admin_token=ADMIN_TOKEN))
+    # No webhook deliveries: the fuzzer adds endpoints at whatever hosts the schema allows, and
+    # nothing may be sent beyond this machine (the delivery tests use their own receivers).
+    app = create_app(fast_settings(tmp, port, admin_token=ADMIN_TOKEN, webhook_delivery_enabled=False))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
@@ -65,8 +70,10 @@ def test_every_operation_conforms_to_the_schema(lipia_url: str) -> None:
         "positive_data_acceptance",
         "--max-examples",
         MAX_EXAMPLES,
+        # One worker: with two threads, CPython 3.11's ast module can fail inside Schemathesis
+        # ("AST constructor recursion depth mismatch", a race in the interpreter).
         "--workers",
-        "2",
+        "1",
         "--header",
         f"Authorization: Bearer {ADMIN_TOKEN}",
         "--no-color",

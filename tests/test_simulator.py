@@ -1,7 +1,8 @@
 """The Daraja simulator, driven over HTTP the way a Daraja client (or a third-party SDK) drives it.
 
 Callbacks go over real HTTP to a uvicorn server; delays are tiny so the file runs in seconds.
-Expectations are written from reference/daraja.md and the captured samples, not from the code.
+Expectations are written from Daraja's documented and observed behaviour and the captured samples
+(tests/fixtures/daraja-samples), not from the code.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
+import secrets
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,18 +23,24 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from typer.testing import CliRunner
 
+from bench.chaos.run import free_port, lipia_command
+from lipia.cli import cli
 from lipia.simulator import SimulatedConnectionReset, SimulatorConfig, create_simulator
+from lipia.simulator.standalone import banner, control_token_for, simulator_config_from_options
 from lipia.simulator.validation import DarajaError, parse_json_object, parse_stk_push
+from tests.support.server import serving
+from tests.support.waiting import until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.any_configuration]
 
 KEY = "lipia-simulator-key"
 SECRET = "lipia-simulator-secret"
@@ -43,7 +52,7 @@ OFFICIAL_PASSWORD = (
     "ZWQyYzkxOTIwMjEwNjI4MDkyNDA4"
 )
 NAIROBI = timezone(timedelta(hours=3))
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "daraja-samples"
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "daraja-samples"
 DELAY = 0.05  # the simulated customer's reaction time in these tests
 PROMPT = 0.2  # the simulated prompt window
 DROP = object()  # remove a field from a request body
@@ -91,23 +100,7 @@ def push_body(
 # -- harness -------------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run an ASGI app on a real port; yields its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.005)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+serve = serving
 
 
 @dataclass
@@ -148,7 +141,7 @@ class Receiver:
             await asyncio.sleep(self.hold_seconds)
         return JSONResponse({"ResultCode": 0, "ResultDesc": "Accepted"}, self.status)
 
-    async def wait_for(self, count: int, seconds: float = 3.0) -> list[Received]:
+    async def wait_for(self, count: int, seconds: float = 30.0) -> list[Received]:
         deadline = time.monotonic() + seconds
         while len(self.calls) < count:
             if time.monotonic() > deadline:
@@ -215,8 +208,9 @@ class Daraja:
     async def ledger(self) -> dict[str, Any]:
         return dict((await self.http.get("/simulator/transactions")).json())
 
-    async def act(self, checkout_id: str) -> httpx.Response:
-        return await self.http.post(f"/simulator/pushes/{checkout_id}/act")
+    async def act(self, checkout_id: str, body: Any = None) -> httpx.Response:
+        url = f"/simulator/pushes/{checkout_id}/act"
+        return await self.http.post(url) if body is None else await self.http.post(url, json=body)
 
 
 MakeDaraja = Callable[..., Daraja]
@@ -253,13 +247,6 @@ def assert_envelope(response: httpx.Response, status: int, code: str, message: s
     assert isinstance(body["requestId"], str)
     assert body["requestId"]
     return dict(body)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 3.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.01)
 
 
 # -- OAuth ---------------------------------------------------------------------------------------
@@ -300,8 +287,10 @@ async def test_token_with_bad_grant_type(daraja: Daraja, query: str) -> None:
     ],
 )
 async def test_token_with_unknown_credentials_is_400_with_empty_body(
-    daraja: Daraja, authorization: str
+    make_daraja: MakeDaraja, authorization: str
 ) -> None:
+    daraja = make_daraja(consumer_key=KEY, consumer_secret=SECRET)
+    assert (await daraja.get_token()).status_code == 200  # the configured pair works
     response = await daraja.http.get(
         "/oauth/v1/generate?grant_type=client_credentials", headers={"Authorization": authorization}
     )
@@ -314,7 +303,7 @@ async def test_token_expires_after_its_ttl(make_daraja: MakeDaraja) -> None:
     token_response = await daraja.get_token()
     assert token_response.json()["expires_in"] == "0"
     assert (await daraja.push()).status_code == 200
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # deliberate: the 0.3 s token expires
     assert_envelope(await daraja.push(phone="254700000002"), 404, "404.001.03", "Invalid Access Token")
 
 
@@ -337,6 +326,72 @@ async def test_revoked_tokens_stop_working(daraja: Daraja) -> None:
     revoked = await daraja.http.post("/simulator/tokens/revoke")
     assert revoked.json() == {"revoked": 1}
     assert_envelope(await daraja.push(phone="254700000002"), 404, "404.001.03", "Invalid Access Token")
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [("sdk-own-key-8fK2", "sdk-own-secret-Qw91"), ("x", "y"), ("key", "se:cr:et"), (KEY, SECRET)],
+)
+async def test_any_consumer_key_and_secret_get_a_token_by_default(
+    daraja: Daraja, key: str, secret: str
+) -> None:
+    response = await daraja.http.get(
+        "/oauth/v1/generate", params={"grant_type": "client_credentials"}, auth=(key, secret)
+    )
+    assert response.status_code == 200, response.text
+    headers = {"Authorization": f"Bearer {response.json()['access_token']}"}
+    pushed = await daraja.http.post("/mpesa/stkpush/v1/processrequest", json=push_body(), headers=headers)
+    assert pushed.status_code == 200, pushed.text
+
+
+@pytest.mark.parametrize("credentials", [b"no-colon", b":secret", b"key:", b":"])
+async def test_any_credentials_still_means_a_key_and_a_secret(daraja: Daraja, credentials: bytes) -> None:
+    authorization = "Basic " + base64.b64encode(credentials).decode()
+    response = await daraja.http.get(
+        "/oauth/v1/generate?grant_type=client_credentials", headers={"Authorization": authorization}
+    )
+    assert response.status_code == 400
+    assert response.content == b""
+
+
+async def test_shortcode_and_passkey_come_from_the_config(make_daraja: MakeDaraja) -> None:
+    daraja = make_daraja(shortcode="600777", passkey="merchant-own-passkey")
+    own: dict[str, Any] = {
+        "BusinessShortCode": "600777",
+        "PartyB": "600777",
+        "Password": password(shortcode="600777", passkey="merchant-own-passkey"),
+    }
+    accepted = await daraja.accepted(**own)
+    sandbox = await daraja.push(phone="254700000002")
+    assert_envelope(sandbox, 500, "500.001.1001", "Merchant does not exist")
+    wrong_passkey = await daraja.push(
+        phone="254700000003", **own | {"Password": password(shortcode="600777")}
+    )
+    assert_envelope(wrong_passkey, 500, "500.001.1001", "Wrong credentials")
+    query = await daraja.query(
+        accepted["CheckoutRequestID"], BusinessShortCode="600777", Password=own["Password"]
+    )
+    assert_envelope(query, 500, "500.001.1001", ANY_PROCESSING)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"consumer_key": "k"}, "set both or neither"),
+        ({"consumer_secret": "s"}, "set both or neither"),
+        ({"consumer_key": "", "consumer_secret": "s"}, "must not be empty"),
+        ({"control_token": ""}, "control_token must not be empty"),
+        ({"callback_delay_seconds": float("nan")}, "finite number"),
+        ({"strict_https": "no"}, "strict_https must be true or false"),
+        (
+            {"callback_routes": (("shop.example.com", "http://127.0.0.1:1"),)},
+            "from must be an http(s) origin",
+        ),
+    ],
+)
+def test_config_refuses_what_it_cannot_serve(config: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        SimulatorConfig(**config)
 
 
 # -- STK Push validation -------------------------------------------------------------------------
@@ -662,7 +717,7 @@ async def test_failure_outcomes_end_to_end(
     }
     [push] = (await daraja.ledger())["pushes"]
     assert (push["state"], push["paid"], push["receipt"], push["result_code"]) == ("final", False, None, code)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # deliberate: time for a second callback, were one coming
     assert len(receiver.calls) == 1  # exactly once
 
 
@@ -718,7 +773,7 @@ async def test_paid_but_callback_never_sent(daraja: Daraja, receiver: Receiver) 
     accepted = await daraja.accepted(phone="254700009999", callback_url=receiver.url())
     checkout_id = accepted["CheckoutRequestID"]
     assert_envelope(await daraja.query(checkout_id), 500, "500.001.1001", ANY_PROCESSING)
-    await asyncio.sleep(DELAY + 0.25)
+    await asyncio.sleep(DELAY + 0.25)  # deliberate: past the answer, no callback comes
     assert receiver.calls == []
     answer = await daraja.query(checkout_id)
     assert answer.status_code == 200
@@ -754,8 +809,10 @@ async def test_query_before_and_after_the_customer_acts(make_daraja: MakeDaraja)
     final = await daraja.query(checkout_id)
     assert final.status_code == 200
     assert final.json()["ResultCode"] == "1032"
-    assert (await daraja.act(checkout_id)).status_code == 200  # acting twice changes nothing
-    assert (await daraja.ledger())["pushes"][0]["result_code"] == 1032
+    again = await daraja.act(checkout_id, {"result_code": 0})
+    assert (again.status_code, again.json()) == (409, {"error": "push already final"})
+    [push] = (await daraja.ledger())["pushes"]
+    assert (push["result_code"], push["paid"]) == (1032, False)  # acting twice changes nothing
 
 
 async def test_query_errors(daraja: Daraja) -> None:
@@ -785,7 +842,7 @@ async def test_ledger_records_pushes_and_callbacks(daraja: Daraja, receiver: Rec
     ok = await daraja.accepted(callback_url=receiver.url("/ok"), AccountReference="INV-7", Amount=25)
     cancel = await daraja.accepted(phone="254700001032", callback_url=receiver.url("/cancel"))
     await receiver.wait_for(2)
-    await eventually(lambda: _callback_count(daraja, 2))
+    await until(lambda: _callback_count(daraja, 2), within=3.0)
     ledger = await daraja.ledger()
     pushes = {p["CheckoutRequestID"]: p for p in ledger["pushes"]}
     first = pushes[ok["CheckoutRequestID"]]
@@ -805,6 +862,7 @@ async def test_ledger_records_pushes_and_callbacks(daraja: Daraja, receiver: Rec
     assert attempts[ok["CheckoutRequestID"]]["status_code"] == 200
     assert attempts[ok["CheckoutRequestID"]]["error"] is None
     assert attempts[ok["CheckoutRequestID"]]["url"] == receiver.url("/ok")
+    assert attempts[ok["CheckoutRequestID"]]["delivered_to"] == receiver.url("/ok")  # no route
     assert attempts[cancel["CheckoutRequestID"]]["body"]["Body"]["stkCallback"]["ResultCode"] == 1032
 
 
@@ -815,11 +873,11 @@ async def _callback_count(daraja: Daraja, count: int) -> bool:
 async def test_failed_delivery_is_recorded_and_not_retried(daraja: Daraja, receiver: Receiver) -> None:
     receiver.status = 500
     await daraja.accepted(callback_url=receiver.url())
-    await eventually(lambda: _callback_count(daraja, 1))
+    await until(lambda: _callback_count(daraja, 1), within=3.0)
     closed_port = receiver.base.rsplit(":", 1)[0] + ":9"  # discard port: nothing listens there
     await daraja.accepted(phone="254700000002", callback_url=closed_port + "/cb")
-    await eventually(lambda: _callback_count(daraja, 2))
-    await asyncio.sleep(0.2)
+    await until(lambda: _callback_count(daraja, 2), within=3.0)
+    await asyncio.sleep(0.2)  # deliberate: time for a retry, were there one
     ledger = await daraja.ledger()
     assert len(receiver.calls) == 1
     assert len(ledger["callbacks"]) == 2
@@ -837,7 +895,7 @@ async def test_reset_clears_the_ledger_and_cancels_prompts(
     await daraja.accepted(callback_url=receiver.url())
     response = await daraja.http.post("/simulator/reset")
     assert response.json() == {"pushes": [], "callbacks": []}
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # deliberate: past the 0.2 s callback delay
     assert receiver.calls == []
     assert (await daraja.push()).status_code == 200  # the subscriber lock went with the prompt
 
@@ -864,7 +922,7 @@ async def test_drop_callback_once(daraja: Daraja, receiver: Receiver) -> None:
     assert (await daraja.http.get("/simulator/faults")).json()["callback"] is None  # used up
     delivered = await daraja.accepted(phone="254700000002", callback_url=receiver.url())
     [call] = await receiver.wait_for(1)
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.15)  # deliberate: time for the dropped one, were it sent
     assert len(receiver.calls) == 1
     assert call.checkout_id == delivered["CheckoutRequestID"]
     pushes = {p["CheckoutRequestID"]: p for p in (await daraja.ledger())["pushes"]}
@@ -879,7 +937,7 @@ async def test_duplicate_callbacks_are_sent_concurrently(daraja: Daraja, receive
     await daraja.faults({"callback": {"mode": "duplicate", "count": 3}})
     accepted = await daraja.accepted(callback_url=receiver.url())
     calls = await receiver.wait_for(3)
-    await eventually(lambda: _callback_count(daraja, 3))
+    await until(lambda: _callback_count(daraja, 3), within=3.0)
     assert {c.raw for c in calls} == {calls[0].raw}
     assert calls[0].checkout_id == accepted["CheckoutRequestID"]
     attempts = (await daraja.ledger())["callbacks"]
@@ -895,7 +953,7 @@ async def test_delayed_callback_arrives_after_the_query_knows(daraja: Daraja, re
     await daraja.faults({"callback": {"mode": "delay", "delay_seconds": 0.4, "times": 1}})
     accepted = await daraja.accepted(callback_url=receiver.url())
     pushed_at = time.monotonic()
-    await asyncio.sleep(DELAY + 0.1)
+    await until(lambda: _push_state(daraja, accepted["CheckoutRequestID"], "final"), within=3.0)
     answer = await daraja.query(accepted["CheckoutRequestID"])
     assert answer.status_code == 200
     assert answer.json()["ResultCode"] == "0"
@@ -934,7 +992,7 @@ async def test_callback_before_push_response(daraja: Daraja, receiver: Receiver)
     assert len(receiver.calls) == 1  # already delivered when the response arrived
     assert receiver.calls[0].checkout_id == accepted["CheckoutRequestID"]
     assert (await daraja.query(accepted["CheckoutRequestID"])).json()["ResultCode"] == "0"
-    await asyncio.sleep(DELAY + 0.1)
+    await asyncio.sleep(DELAY + 0.1)  # deliberate: past the usual callback time
     assert len(receiver.calls) == 1
 
 
@@ -1026,7 +1084,7 @@ async def test_short_token_lifetime_fault(daraja: Daraja) -> None:
     headers = {"Authorization": f"Bearer {token['access_token']}"}
     url = "/mpesa/stkpush/v1/processrequest"
     assert (await daraja.http.post(url, json=push_body(), headers=headers)).status_code == 200
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # deliberate: the 0.3 s token expires
     expired = await daraja.http.post(url, json=push_body(phone="254700000002"), headers=headers)
     assert_envelope(expired, 404, "404.001.03", "Invalid Access Token")
     assert (await daraja.http.delete("/simulator/faults")).json()["token_ttl_seconds"] is None
@@ -1041,7 +1099,7 @@ async def test_query_lag(daraja: Daraja) -> None:
     lagging = await daraja.query(checkout_id)
     assert_envelope(lagging, 500, "500.001.1001", "The transaction is being processed")
     assert (await daraja.ledger())["pushes"][0]["state"] == "final"
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # deliberate: past the 0.3 s lag
     assert (await daraja.query(checkout_id)).json()["ResultCode"] == "0"
 
 
@@ -1078,6 +1136,7 @@ async def test_query_contradicts_the_callback(daraja: Daraja, receiver: Receiver
         ({"push": {"mode": "reset_after_accept", "status": 500}}, "unknown key(s) status"),
         ({"query": {"lag_seconds": 1e9}}, "query.lag_seconds must be >= 0 and <= 3600"),
         ({"query": {"contradict": "yes"}}, "query.contradict must be true or false"),
+        ({"query": {"pending_shape": 4999}}, "query.pending_shape must be one of 500, 4999"),
         ({"query_error": {"colour": "red"}}, "unknown key(s) colour"),
         ({"token_ttl_seconds": 0}, "token_ttl_seconds must be > 0"),
         ({"callback": {"mode": "drop"}, "push": {"mode": "nope"}}, "push.mode"),
@@ -1103,12 +1162,578 @@ async def test_faults_can_be_read_counted_down_and_cleared(daraja: Daraja) -> No
     await daraja.push()
     state = (await daraja.http.get("/simulator/faults")).json()
     assert state["push"]["times"] == 1
-    assert state["query"] == {"lag_seconds": 1.0, "contradict": False, "times": None}
+    assert state["query"] == {"lag_seconds": 1.0, "contradict": False, "pending_shape": "500", "times": None}
     cleared = await daraja.faults({"push": None})
     assert cleared.json()["push"] is None
     assert cleared.json()["query"] is not None
     assert all(v is None for v in (await daraja.http.delete("/simulator/faults")).json().values())
     assert (await daraja.push()).status_code == 200
+
+
+# -- control token -------------------------------------------------------------------------------
+
+CONTROL_ROUTES = [
+    ("GET", "/simulator"),
+    ("GET", "/simulator/transactions"),
+    ("GET", "/simulator/faults"),
+    ("POST", "/simulator/faults"),
+    ("DELETE", "/simulator/faults"),
+    ("GET", "/simulator/config"),
+    ("POST", "/simulator/config"),
+    ("GET", "/simulator/routes"),
+    ("POST", "/simulator/routes"),
+    ("DELETE", "/simulator/routes"),
+    ("POST", "/simulator/reset"),
+    ("POST", "/simulator/pushes/ws_CO_nope/act"),
+    ("POST", "/simulator/tokens/revoke"),
+]
+# What each answers a call without a body, once past the token: bad values get 400, an unknown
+# push 404.
+CONTROL_ANSWERS = {
+    **{route: 200 for route in CONTROL_ROUTES},
+    ("POST", "/simulator/faults"): 400,
+    ("POST", "/simulator/config"): 400,
+    ("POST", "/simulator/routes"): 400,
+    ("POST", "/simulator/pushes/ws_CO_nope/act"): 404,
+}
+
+
+async def test_control_token_guards_every_control_route(make_daraja: MakeDaraja) -> None:
+    daraja = make_daraja(control_token="ctl-secret-123", callback_delay_seconds=5)
+    accepted = await daraja.accepted()  # Daraja's own routes need no control token
+    assert_envelope(await daraja.query(accepted["CheckoutRequestID"]), 500, "500.001.1001", ANY_PROCESSING)
+    refusals = [None, "Bearer wrong-token", "Bearer ctl-secret-12", "Basic ctl-secret-123", "ctl-secret-123"]
+    for method, path in CONTROL_ROUTES:
+        for authorization in refusals:
+            headers = {"Authorization": authorization} if authorization else {}
+            body = {"callback": {"mode": "drop"}}
+            response = await daraja.http.request(method, path, headers=headers, json=body)
+            assert response.status_code == 401, (method, path, authorization)
+            assert set(response.json()) == {"error"}
+            assert response.headers["www-authenticate"].startswith("Bearer")
+    good = {"Authorization": "bearer ctl-secret-123"}  # the scheme is case-insensitive, as in HTTP
+    # None of the refused calls did anything: the push is still there (no reset), still pending,
+    # no fault armed, and the access token still works (no revoke).
+    [push] = (await daraja.http.get("/simulator/transactions", headers=good)).json()["pushes"]
+    assert push["state"] == "pending"
+    assert (await daraja.http.get("/simulator/faults", headers=good)).json()["callback"] is None
+    assert (await daraja.push(phone="254700000002")).status_code == 200
+    for method, path in CONTROL_ROUTES:
+        response = await daraja.http.request(method, path, headers=good)
+        assert response.status_code == CONTROL_ANSWERS[method, path], (method, path, response.text)
+
+
+async def test_no_control_token_leaves_the_control_api_open(daraja: Daraja) -> None:
+    for method, path in CONTROL_ROUTES:
+        response = await daraja.http.request(method, path)
+        assert response.status_code == CONTROL_ANSWERS[method, path], (method, path, response.text)
+
+
+@pytest.mark.parametrize(
+    ("host", "generated"),
+    [
+        ("127.0.0.1", False),
+        ("127.1.2.3", False),
+        ("localhost", False),
+        ("::1", False),
+        ("[::1]", False),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("192.168.1.20", True),
+        ("10.0.0.5", True),
+        ("sim.internal", True),
+        ("", True),
+    ],
+)
+def test_control_token_is_generated_beyond_loopback(host: str, generated: bool) -> None:
+    token = control_token_for(host, None)
+    if generated:
+        assert token is not None
+        assert len(token) >= 32
+        assert token != control_token_for(host, None)
+    else:
+        assert token is None
+    assert control_token_for(host, "mine") == "mine"
+
+
+# -- the `lipia simulator` command ---------------------------------------------------------------
+
+
+def parsed_options(*args: str) -> SimulatorConfig:
+    """What `lipia simulator ARGS` would serve, parsed by the real typer command (flags and env)."""
+    command = typer.main.get_command(cli).commands["simulator"]  # type: ignore[attr-defined]
+    params = dict(command.make_context("simulator", list(args)).params)
+    params.pop("port")
+    return simulator_config_from_options(**params)
+
+
+SIMULATOR_ENV = (
+    "LIPIA_SIMULATOR_CONSUMER_KEY",
+    "LIPIA_SIMULATOR_CONSUMER_SECRET",
+    "LIPIA_SIMULATOR_SHORTCODE",
+    "LIPIA_SIMULATOR_PASSKEY",
+    "LIPIA_SIMULATOR_CALLBACK_DELAY_SECONDS",
+    "LIPIA_SIMULATOR_PROMPT_TIMEOUT_SECONDS",
+    "LIPIA_SIMULATOR_CONTROL_TOKEN",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in SIMULATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_command_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    config = parsed_options()
+    assert (config.consumer_key, config.consumer_secret, config.control_token) == (None, None, None)
+    assert (config.shortcode, config.passkey) == (SHORTCODE, PASSKEY)
+    assert (config.callback_delay_seconds, config.prompt_timeout_seconds) == (2.0, 30.0)
+    assert (config.strict_https, config.callback_routes) == (False, ())
+
+
+def test_command_flags_reach_the_config(clean_env: pytest.MonkeyPatch) -> None:
+    config = parsed_options(
+        *("--consumer-key", "flag-key", "--consumer-secret", "flag-secret"),
+        *("--shortcode", "600777", "--passkey", "flag-passkey"),
+        *("--callback-delay", "0.5", "--prompt-timeout", "9", "--strict-https"),
+        *("--control-token", "flag-token"),
+        *("--route", "https://shop.example.com:8443=http://127.0.0.1:51234"),
+        *("--route", "https://api.example.com=http://127.0.0.1:51235"),
+    )
+    assert (config.consumer_key, config.consumer_secret) == ("flag-key", "flag-secret")
+    assert (config.shortcode, config.passkey) == ("600777", "flag-passkey")
+    assert (config.callback_delay_seconds, config.prompt_timeout_seconds) == (0.5, 9.0)
+    assert config.strict_https is True
+    assert config.control_token == "flag-token"
+    assert config.callback_routes == (
+        ("https://shop.example.com:8443", "http://127.0.0.1:51234"),
+        ("https://api.example.com", "http://127.0.0.1:51235"),
+    )
+
+
+def test_command_environment_reaches_the_config(clean_env: pytest.MonkeyPatch) -> None:
+    values = ["env-key", "env-secret", "600888", "env-passkey", "0.25", "7", "env-token"]
+    for name, value in zip(SIMULATOR_ENV, values, strict=True):
+        clean_env.setenv(name, value)
+    config = parsed_options()
+    assert (config.consumer_key, config.consumer_secret) == ("env-key", "env-secret")
+    assert (config.shortcode, config.passkey) == ("600888", "env-passkey")
+    assert (config.callback_delay_seconds, config.prompt_timeout_seconds) == (0.25, 7.0)
+    assert config.control_token == "env-token"
+    assert parsed_options("--shortcode", "600999").shortcode == "600999"  # a flag beats the environment
+
+
+def test_command_generates_a_control_token_beyond_loopback(clean_env: pytest.MonkeyPatch) -> None:
+    config = parsed_options("--host", "0.0.0.0")
+    assert config.control_token is not None
+    text = banner(config, "0.0.0.0", 5556, token_generated=True)
+    assert f"Authorization: Bearer {config.control_token}" in text
+    assert parsed_options("--host", "0.0.0.0", "--control-token", "chosen").control_token == "chosen"
+    assert parsed_options("--host", "127.0.0.1").control_token is None
+    clean_env.setenv("LIPIA_SIMULATOR_CONTROL_TOKEN", "")  # set to nothing: as if not set
+    assert parsed_options("--host", "127.0.0.1").control_token is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--consumer-key", "only-a-key"], "set both or neither"),
+        (["--route", "https://shop.example.com"], "--route must be FROM=TO"),
+        (["--route", "https://shop.example.com/cb=http://127.0.0.1:1"], "from must be an http(s) origin"),
+        (["--shortcode", "12"], "shortcode must be 5-7 digits"),
+        (["--callback-delay", "-1"], "callback_delay_seconds must not be negative"),
+    ],
+)
+def test_command_refuses_bad_options(clean_env: pytest.MonkeyPatch, args: list[str], needle: str) -> None:
+    result = CliRunner().invoke(cli, ["simulator", *args])
+    assert result.exit_code == 2
+    assert needle in result.output
+    assert "Traceback" not in result.output
+
+
+def test_banner_says_what_is_accepted_without_printing_secrets() -> None:
+    default = banner(SimulatorConfig(), "127.0.0.1", 5556, token_generated=False)
+    assert default == (
+        "Daraja simulator on http://127.0.0.1:5556 — accepts any consumer key/secret; "
+        "shortcode 174379, passkey: Safaricom's sandbox passkey; control API: /simulator (no token)"
+    )
+    custom = SimulatorConfig(
+        consumer_key="merchant-key-123",
+        consumer_secret="merchant-secret-456",
+        shortcode="600777",
+        passkey="custom-passkey-789",
+        control_token="chosen-token-000",
+        callback_routes=(("https://shop.example.com", "http://127.0.0.1:8000"),),
+    )
+    text = banner(custom, "::1", 5556, token_generated=False)
+    assert text.startswith("Daraja simulator on http://[::1]:5556 — accepts consumer key merc… ")
+    assert "passkey: cust…" in text
+    assert "bearer token required" in text
+    assert "https://shop.example.com go to http://127.0.0.1:8000" in text
+    for secret in ("merchant-key-123", "merchant-secret-456", "custom-passkey-789", "chosen-token-000"):
+        assert secret not in text
+
+
+def test_lipia_simulator_process_accepts_made_up_credentials(tmp_path: Path) -> None:
+    port = free_port()
+    control = "ctl-" + secrets.token_hex(12)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LIPIA_")}
+    env |= {
+        "LIPIA_SIMULATOR_SHORTCODE": "600777",
+        "LIPIA_SIMULATOR_PASSKEY": "merchant-own-passkey",
+        "LIPIA_SIMULATOR_CONTROL_TOKEN": control,
+        "LIPIA_SIMULATOR_CALLBACK_DELAY_SECONDS": "45",
+    }
+    argv = [*lipia_command(), "simulator", "--port", str(port), "--prompt-timeout", "50"]
+    process = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=5) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, "lipia simulator exited"
+                try:
+                    token = http.get(
+                        "/oauth/v1/generate?grant_type=client_credentials",
+                        auth=("made-up-key-7Hq", "made-up-secret-p3Z"),
+                    )
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "lipia simulator did not start"
+                    time.sleep(0.05)
+            assert token.status_code == 200, token.text
+            headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+            body = push_body(
+                BusinessShortCode="600777",
+                PartyB="600777",
+                Password=password(shortcode="600777", passkey="merchant-own-passkey"),
+            )
+            pushed = http.post("/mpesa/stkpush/v1/processrequest", json=body, headers=headers)
+            assert pushed.status_code == 200, pushed.text
+            assert http.get("/simulator/transactions").status_code == 401
+            control_headers = {"Authorization": f"Bearer {control}"}
+            ledger = http.get("/simulator/transactions", headers=control_headers).json()
+            assert [p["CheckoutRequestID"] for p in ledger["pushes"]] == [pushed.json()["CheckoutRequestID"]]
+            runtime = http.get("/simulator/config", headers=control_headers).json()
+            assert (runtime["callback_delay_seconds"], runtime["prompt_timeout_seconds"]) == (45, 50)
+    finally:
+        process.terminate()
+        try:
+            output, errors = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, errors = process.communicate()
+    assert "accepts any consumer key/secret; shortcode 600777, passkey: merc…" in output, errors
+    assert "bearer token required" in output
+    assert control not in output + errors
+    assert "merchant-own-passkey" not in output + errors
+
+
+# -- callback routes -----------------------------------------------------------------------------
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def test_routed_callback_reaches_loopback_with_the_original_host(
+    make_daraja: MakeDaraja, receiver: Receiver
+) -> None:
+    port = port_of(receiver.base)
+    public = f"https://shop.example.com:{port}"
+    daraja = make_daraja(strict_https=True, callback_routes=((public, receiver.base),))
+    callback_url = f"{public}/cb/x?order=9"
+    accepted = await daraja.accepted(callback_url=callback_url)
+    [call] = await receiver.wait_for(1)
+    assert (call.path, call.query) == ("/cb/x", "order=9")
+    assert call.headers["host"] == f"shop.example.com:{port}"
+    assert call.checkout_id == accepted["CheckoutRequestID"]
+    await until(lambda: _callback_count(daraja, 1), within=3.0)
+    [attempt] = (await daraja.ledger())["callbacks"]
+    assert attempt["url"] == callback_url
+    assert attempt["delivered_to"] == f"{receiver.base}/cb/x?order=9"
+    assert attempt["status_code"] == 200
+    [push] = (await daraja.ledger())["pushes"]
+    assert push["callback_url"] == callback_url
+    # Routing changes where callbacks go, not Daraja's rule about what a CallBackURL may be.
+    refused = await daraja.push(phone="254700000002", callback_url=f"{receiver.base}/cb/y")
+    assert_envelope(refused, 400, "400.002.02", "Bad Request - Invalid CallBackURL")
+
+
+async def test_routes_through_the_control_api_survive_reset(daraja: Daraja, receiver: Receiver) -> None:
+    assert (await daraja.http.get("/simulator/routes")).json() == {"routes": []}
+    added = await daraja.http.post(
+        "/simulator/routes", json={"from": "HTTPS://Shop.Example.com:443/", "to": receiver.base + "/"}
+    )
+    assert added.status_code == 200, added.text
+    assert added.json() == {"routes": [{"from": "https://shop.example.com", "to": receiver.base}]}
+    replaced = await daraja.http.post(
+        "/simulator/routes", json={"from": "https://shop.example.com", "to": receiver.base}
+    )
+    assert len(replaced.json()["routes"]) == 1
+    await daraja.http.post("/simulator/reset")
+    assert (await daraja.http.get("/simulator/routes")).json() == added.json()
+    assert (await daraja.http.get("/simulator")).json()["callback_routes"] == added.json()["routes"]
+    # A default port written out or left out, and the host's case, name the same origin.
+    await daraja.accepted(callback_url="https://shop.example.com:443/cb/a")
+    await daraja.accepted(phone="254700000002", callback_url="https://SHOP.example.com/cb/b")
+    calls = await receiver.wait_for(2)
+    assert sorted(c.path for c in calls) == ["/cb/a", "/cb/b"]
+    assert {c.headers["host"] for c in calls} == {"shop.example.com"}
+    cleared = await daraja.http.delete("/simulator/routes")
+    assert cleared.json() == {"routes": []}
+
+
+async def test_a_route_applies_at_delivery(make_daraja: MakeDaraja, receiver: Receiver) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    accepted = await daraja.accepted(callback_url="https://late.example.com/cb")
+    await daraja.http.post(
+        "/simulator/routes", json={"from": "https://late.example.com", "to": receiver.base}
+    )
+    await daraja.act(accepted["CheckoutRequestID"])
+    [call] = await receiver.wait_for(1)
+    assert (call.path, call.headers["host"]) == ("/cb", "late.example.com")
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"from": "shop.example.com", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://shop.example.com/cb", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://shop.example.com?x=1", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://shop.example.com#top", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "ftp://shop.example.com", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://user:pw@shop.example.com", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://shop.example.com:99999", "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": 42, "to": "http://127.0.0.1:1"}, "from must be"),
+        ({"to": "http://127.0.0.1:1"}, "from must be"),
+        ({"from": "https://shop.example.com", "to": "http://127.0.0.1:1/callbacks"}, "to must be"),
+        ({"from": "https://shop.example.com", "to": "127.0.0.1:1"}, "to must be"),
+        ({"from": "https://shop.example.com"}, "to must be"),
+        ({"from": "https://a.example", "to": "http://127.0.0.1:1", "via": "x"}, "unknown key(s) via"),
+        (["https://a.example", "http://127.0.0.1:1"], "body must be a JSON object"),
+    ],
+)
+async def test_bad_routes_are_400_naming_the_field(daraja: Daraja, body: Any, needle: str) -> None:
+    response = await daraja.http.post("/simulator/routes", json=body)
+    assert response.status_code == 400
+    assert needle in response.json()["error"]
+    assert (await daraja.http.get("/simulator/routes")).json() == {"routes": []}
+
+
+# -- runtime configuration -----------------------------------------------------------------------
+
+
+async def test_runtime_config_applies_from_the_next_push(make_daraja: MakeDaraja, receiver: Receiver) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    before = await daraja.http.get("/simulator/config")
+    assert before.json() == {
+        "callback_delay_seconds": 30,
+        "prompt_timeout_seconds": PROMPT,
+        "token_ttl_seconds": 3600,
+        "strict_https": False,
+        "subscriber_lock": True,
+    }
+    slow = await daraja.accepted(callback_url=receiver.url())
+    changed = await daraja.http.post("/simulator/config", json={"callback_delay_seconds": DELAY})
+    assert changed.json()["callback_delay_seconds"] == DELAY
+    fast = await daraja.accepted(phone="254700000002", callback_url=receiver.url())
+    [call] = await receiver.wait_for(1)
+    assert call.checkout_id == fast["CheckoutRequestID"]
+    pushes = {p["CheckoutRequestID"]: p["state"] for p in (await daraja.ledger())["pushes"]}
+    assert pushes[slow["CheckoutRequestID"]] == "pending"  # its customer keeps the old timing
+    assert (await daraja.http.get("/simulator")).json()["callback_delay_seconds"] == DELAY
+
+
+async def test_runtime_config_switches(daraja: Daraja) -> None:
+    await daraja.http.post(
+        "/simulator/config", json={"strict_https": True, "subscriber_lock": False, "token_ttl_seconds": 5}
+    )
+    refused = await daraja.push(callback_url="http://127.0.0.1:8000/cb")
+    assert_envelope(refused, 400, "400.002.02", "Bad Request - Invalid CallBackURL")
+    assert (await daraja.push()).status_code == 200
+    assert (await daraja.push()).status_code == 200  # same phone, lock off
+    assert (await daraja.get_token()).json()["expires_in"] == "4"
+    await daraja.http.post("/simulator/config", json={"prompt_timeout_seconds": 0.01})
+    no_answer = await daraja.accepted(phone="254700001037")
+    await until(lambda: _push_state(daraja, no_answer["CheckoutRequestID"], "final"), within=3.0)
+
+
+async def _push_state(daraja: Daraja, checkout_id: str, state: str) -> bool:
+    pushes = (await daraja.ledger())["pushes"]
+    return any(p["CheckoutRequestID"] == checkout_id and p["state"] == state for p in pushes)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"callback_delay_seconds": -1}, "callback_delay_seconds must not be negative"),
+        ({"callback_delay_seconds": "1"}, "callback_delay_seconds must be a finite number"),
+        ({"prompt_timeout_seconds": True}, "prompt_timeout_seconds must be a finite number"),
+        ({"token_ttl_seconds": 0}, "token_ttl_seconds must be positive"),
+        ({"strict_https": "yes"}, "strict_https must be true or false"),
+        ({"subscriber_lock": 1}, "subscriber_lock must be true or false"),
+        ({"shortcode": "600000"}, "unknown key(s) shortcode"),
+        ({"control_token": "x"}, "unknown key(s) control_token"),
+        ({"strict_https": True, "bogus": 1}, "unknown key(s) bogus"),
+        ([], "body must be a JSON object"),
+    ],
+)
+async def test_bad_runtime_config_is_400_and_changes_nothing(daraja: Daraja, body: Any, needle: str) -> None:
+    before = (await daraja.http.get("/simulator/config")).json()
+    response = await daraja.http.post("/simulator/config", json=body)
+    assert response.status_code == 400
+    assert needle in response.json()["error"]
+    assert (await daraja.http.get("/simulator/config")).json() == before
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"callback_delay_seconds": NaN}', b'{"prompt_timeout_seconds": Infinity}', b"{"]
+)
+async def test_runtime_config_refuses_non_numbers(daraja: Daraja, raw: bytes) -> None:
+    response = await daraja.http.post("/simulator/config", content=raw)
+    assert response.status_code == 400
+    assert (await daraja.http.get("/simulator/config")).json()["callback_delay_seconds"] == DELAY
+
+
+# -- acting with a chosen outcome ----------------------------------------------------------------
+
+
+async def test_act_with_a_chosen_result_code(make_daraja: MakeDaraja, receiver: Receiver) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    accepted = await daraja.accepted(callback_url=receiver.url())  # a number that would pay
+    checkout_id = accepted["CheckoutRequestID"]
+    acted = await daraja.act(checkout_id, {"result_code": 1032})
+    assert acted.status_code == 200, acted.text
+    assert (acted.json()["state"], acted.json()["result_code"]) == ("final", 1032)
+    [call] = await receiver.wait_for(1)
+    callback = call.body["Body"]["stkCallback"]
+    assert (callback["ResultCode"], callback["ResultDesc"]) == (1032, "Request cancelled by user")
+    assert "CallbackMetadata" not in callback
+    answer = (await daraja.query(checkout_id)).json()
+    assert (answer["ResultCode"], answer["ResultDesc"]) == ("1032", "Request cancelled by user")
+    [push] = (await daraja.ledger())["pushes"]
+    assert (push["paid"], push["receipt"], push["result_code"]) == (False, None, 1032)
+
+
+async def test_act_can_make_a_failure_number_pay(make_daraja: MakeDaraja, receiver: Receiver) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    paid = await daraja.accepted(phone="254700001032", callback_url=receiver.url())
+    silent = await daraja.accepted(phone="254700000001", callback_url=receiver.url())
+    assert (await daraja.act(paid["CheckoutRequestID"], {"result_code": 0})).status_code == 200
+    assert (await daraja.act(silent["CheckoutRequestID"], {"outcome": "paid_no_callback"})).status_code == 200
+    [call] = await receiver.wait_for(1)
+    assert call.checkout_id == paid["CheckoutRequestID"]
+    assert call.body["Body"]["stkCallback"]["ResultCode"] == 0
+    pushes = {p["CheckoutRequestID"]: p for p in (await daraja.ledger())["pushes"]}
+    assert pushes[paid["CheckoutRequestID"]]["paid"] is True
+    assert pushes[silent["CheckoutRequestID"]]["paid"] is True
+    assert pushes[silent["CheckoutRequestID"]]["callback_mode"] == "never"
+    assert (await daraja.query(silent["CheckoutRequestID"])).json()["ResultCode"] == "0"
+    await asyncio.sleep(0.1)  # deliberate: time for a callback, were one coming
+    assert len(receiver.calls) == 1
+
+
+@pytest.mark.parametrize("body", [{}, None])
+async def test_act_without_a_choice_keeps_the_scripted_outcome(make_daraja: MakeDaraja, body: Any) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    accepted = await daraja.accepted(phone="254700002001")
+    acted = await daraja.act(accepted["CheckoutRequestID"], body)
+    assert (acted.json()["state"], acted.json()["result_code"]) == ("final", 2001)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"result_code": 9999}, "result_code must be one of 0, 1, 1032, 1037, 2001, 1019"),
+        ({"result_code": "1032"}, "result_code must be one of"),
+        ({"result_code": True}, "result_code must be one of"),
+        ({"outcome": "refund"}, "outcome must be one of success, insufficient_funds"),
+        ({"result_code": 0, "outcome": "success"}, "not both"),
+        ({"code": 0}, "unknown key(s) code"),
+        ([1032], "body must be a JSON object"),
+    ],
+)
+async def test_bad_act_bodies_are_400(make_daraja: MakeDaraja, body: Any, needle: str) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    accepted = await daraja.accepted()
+    response = await daraja.act(accepted["CheckoutRequestID"], body)
+    assert response.status_code == 400
+    assert needle in response.json()["error"]
+    assert (await daraja.ledger())["pushes"][0]["state"] == "pending"
+
+
+async def test_act_body_must_be_json(make_daraja: MakeDaraja) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    accepted = await daraja.accepted()
+    response = await daraja.http.post(f"/simulator/pushes/{accepted['CheckoutRequestID']}/act", content=b"{")
+    assert (response.status_code, response.json()) == (400, {"error": "body must be JSON"})
+
+
+async def test_act_on_a_final_push_is_409(daraja: Daraja, receiver: Receiver) -> None:
+    accepted = await daraja.accepted(callback_url=receiver.url())
+    await receiver.wait_for(1)  # the customer paid on their own
+    response = await daraja.act(accepted["CheckoutRequestID"], {"result_code": 1032})
+    assert (response.status_code, response.json()) == (409, {"error": "push already final"})
+    [push] = (await daraja.ledger())["pushes"]
+    assert (push["paid"], push["result_code"]) == (True, 0)
+
+
+# -- the 4999 "still under processing" answer ----------------------------------------------------
+
+
+async def test_pending_query_in_the_4999_shape(daraja: Daraja) -> None:
+    armed = await daraja.faults({"query": {"lag_seconds": 0.3, "pending_shape": "4999"}})
+    assert armed.json()["query"]["pending_shape"] == "4999"
+    accepted = await daraja.accepted()
+    checkout_id = accepted["CheckoutRequestID"]
+    expected = {
+        "ResponseCode": "0",
+        "ResponseDescription": QUERY_ACCEPTED,
+        "MerchantRequestID": accepted["MerchantRequestID"],
+        "CheckoutRequestID": checkout_id,
+        "ResultCode": "4999",
+        "ResultDesc": "The transaction is still under processing",
+    }
+    before = await daraja.query(checkout_id)
+    assert (before.status_code, before.json()) == (200, expected)
+    await daraja.act(checkout_id)
+    lagging = await daraja.query(checkout_id)  # the customer paid, the query does not know yet
+    assert (lagging.status_code, lagging.json()) == (200, expected)
+
+    async def final() -> bool:
+        return bool((await daraja.query(checkout_id)).json()["ResultCode"] == "0")
+
+    await until(final, within=3.0)
+
+
+# -- reset ---------------------------------------------------------------------------------------
+
+
+async def test_reset_stops_all_background_work(make_daraja: MakeDaraja) -> None:
+    daraja = make_daraja(callback_delay_seconds=30)
+    phones = [f"25470000000{i}" for i in range(2, 7)]
+    for phone in phones:
+        await daraja.accepted(phone=phone)
+    assert daraja.sim.background_tasks == len(phones)
+    await daraja.http.post("/simulator/reset")
+    assert daraja.sim.background_tasks == 0
+    for phone in phones:  # no subscriber lock carried over
+        assert (await daraja.push(phone=phone)).status_code == 200
+    assert daraja.sim.background_tasks == len(phones)
+
+
+async def test_a_callback_in_flight_at_reset_leaves_no_trace(daraja: Daraja, receiver: Receiver) -> None:
+    receiver.hold_seconds = 0.3
+    await daraja.faults({"callback": {"mode": "before_response"}})
+    pushing = asyncio.create_task(daraja.push(callback_url=receiver.url()))
+    await receiver.wait_for(1)  # the delivery is in flight, held by the merchant
+    await daraja.http.post("/simulator/reset")
+    assert (await pushing).status_code == 200
+    assert await daraja.ledger() == {"pushes": [], "callbacks": []}
 
 
 # -- fidelity to captured Daraja traffic ---------------------------------------------------------
@@ -1130,7 +1755,7 @@ def shape(value: Any) -> Any:
 
 
 def load_samples(pattern: str) -> list[tuple[str, Any]]:
-    if not SAMPLES.is_dir():  # every dev machine and CI run has ../shared; a bare clone may not
+    if not SAMPLES.is_dir():  # the samples ship in tests/fixtures; a trimmed checkout may lack them
         pytest.skip(f"Daraja samples not found at {SAMPLES}")
     paths = sorted(SAMPLES.glob(pattern))
     assert paths, f"no samples matching {pattern} in {SAMPLES}"

@@ -4,15 +4,18 @@ SDK: `mpesakit` 2.2.x (Byte-Barn/mpesakit), its synchronous `MpesaClient`. The S
 constructor argument or environment variable for the base URL: `environment` picks one of
 Safaricom's two hosts. Its HTTP client keeps the URL in the public attribute
 `MpesaClient.http_client.base_url`, read on every request (`urljoin(self.base_url, path)`), so
-the test sets that attribute and nothing else; credentials, shortcode and passkey are the
-simulator's defaults (the sandbox's). No SDK code is patched. (The SDK's `AsyncMpesaClient` bakes
-the URL into its `httpx.AsyncClient` at construction, so it cannot be redirected this way.)
+the test sets that attribute and nothing else. The SDK's consumer key and secret are its own
+made-up pair, unknown to the simulator, which (started with no credentials) accepts any pair;
+shortcode and passkey are the sandbox's public ones, which the simulator also defaults to. No SDK
+code is patched. (The SDK's `AsyncMpesaClient` bakes the URL into its `httpx.AsyncClient` at
+construction, so it cannot be redirected this way.)
 
-Three servers run for real (uvicorn) on loopback ports in one background thread with its own
-event loop: two simulators (`create_simulator`; a customer who acts after 0.2 s, and one who waits
-to be told to, so that the query before the customer acts is deterministic) and a callback
-receiver recording every POST. The SDK's
-blocking calls run in the test's own thread, exactly as an application would make them.
+Four servers run for real (uvicorn) on loopback ports in one background thread with its own
+event loop: three simulators (`create_simulator`; a customer who acts after 0.2 s, one who waits
+to be told to, so that the query before the customer acts is deterministic, and one configured
+with a consumer key and secret, to refuse any other) and a callback receiver recording every
+POST. The SDK's blocking calls run in the test's own thread, exactly as an application would make
+them.
 """
 
 from __future__ import annotations
@@ -38,11 +41,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from lipia.simulator import SimulatorConfig, create_simulator
+from tests.support.phones import CANCELLED_PHONE, SUCCESS_PHONE
 
-from .conftest import CANCELLED_PHONE, SUCCESS_PHONE
+# The simulator, the client and the parsers: the same whatever lipia's mode or database.
+pytestmark = pytest.mark.any_configuration
 
-CONSUMER_KEY = "lipia-simulator-key"
-CONSUMER_SECRET = "lipia-simulator-secret"
+# The SDK user's own app credentials: nothing the simulator was told about.
+CONSUMER_KEY = "sdk-own-key-4Tz9Lm"
+CONSUMER_SECRET = "sdk-own-secret-Vb72Qx"
+# The one pair the `locked` simulator accepts.
+LOCKED_KEY = "merchant-app-key-8Hd3"
+LOCKED_SECRET = "merchant-app-secret-Rk51"
 SHORTCODE = 174379
 PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
 WAIT_SECONDS = 5.0
@@ -104,6 +113,7 @@ def _loopback_socket() -> socket.socket:
 class Servers:
     fast: str  # the customer acts 0.2 s after the prompt
     slow: str  # the customer never acts unless told to (through the simulator's control API)
+    locked: str  # accepts only LOCKED_KEY / LOCKED_SECRET
     receiver: Receiver
 
 
@@ -113,6 +123,7 @@ def servers() -> Iterator[Servers]:
     simulators = {
         "fast": create_simulator(SimulatorConfig(callback_delay_seconds=0.2)),
         "slow": create_simulator(SimulatorConfig(callback_delay_seconds=60, prompt_timeout_seconds=60)),
+        "locked": create_simulator(SimulatorConfig(consumer_key=LOCKED_KEY, consumer_secret=LOCKED_SECRET)),
     }
     apps: dict[str, Any] = {**simulators, "receiver": _receiver_app(receiver)}
     sockets = {name: _loopback_socket() for name in apps}
@@ -148,7 +159,7 @@ def servers() -> Iterator[Servers]:
         assert time.monotonic() < deadline, "servers did not start"
         time.sleep(0.01)
     try:
-        yield Servers(fast=urls["fast"], slow=urls["slow"], receiver=receiver)
+        yield Servers(fast=urls["fast"], slow=urls["slow"], locked=urls["locked"], receiver=receiver)
     finally:
         for server in uvicorns.values():
             server.should_exit = True
@@ -166,9 +177,11 @@ def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextlib.contextmanager
-def sdk_client(base_url: str) -> Iterator[MpesaClient]:
+def sdk_client(
+    base_url: str, consumer_key: str = CONSUMER_KEY, consumer_secret: str = CONSUMER_SECRET
+) -> Iterator[MpesaClient]:
     client = MpesaClient(
-        consumer_key=CONSUMER_KEY, consumer_secret=CONSUMER_SECRET, environment="sandbox", use_session=True
+        consumer_key=consumer_key, consumer_secret=consumer_secret, environment="sandbox", use_session=True
     )
     client.http_client.base_url = base_url  # the one change: Safaricom's host -> the simulator
     with client.http_client:  # closes the SDK's persistent httpx session
@@ -212,12 +225,12 @@ def test_sdk_fetches_a_token(servers: Servers) -> None:
 
 
 def test_sdk_reports_wrong_credentials(servers: Servers) -> None:
-    client = MpesaClient(consumer_key="nope", consumer_secret="nope", environment="sandbox")
-    client.http_client.base_url = servers.fast
-    with pytest.raises(MpesaApiException) as raised:
-        client.token_manager.get_token()
+    with sdk_client(servers.locked) as client, pytest.raises(MpesaApiException) as raised:
+        client.token_manager.get_token()  # the SDK's own pair, not the one `locked` was given
     # Daraja answers unknown credentials with a bare 400, which the SDK maps to this code.
     assert raised.value.error.error_code == "AUTH_INVALID_CREDENTIALS"
+    with sdk_client(servers.locked, LOCKED_KEY, LOCKED_SECRET) as client:
+        assert len(client.token_manager.get_token()) == 28
 
 
 def test_paid_push_query_pending_then_callback_then_final(servers: Servers) -> None:

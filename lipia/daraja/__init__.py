@@ -4,7 +4,8 @@
 * ``wire``   - Daraja's response shapes and what each one means (results or exceptions).
 * ``errors`` - the exception hierarchy every failure is reported in.
 
-Protocol facts are from ``reference/daraja.md``; section numbers in these modules refer to it.
+Protocol facts come from Safaricom's Daraja documentation and from real Daraja traffic (the public
+sandbox, published captures); where the two differ, the comment says so.
 Everything callers use is re-exported here, so ``from lipia.daraja import ...`` is the API.
 """
 

@@ -2,15 +2,14 @@
 
 ``DarajaClient`` wraps an injected ``httpx.AsyncClient`` (whose ``base_url`` picks sandbox,
 production or the simulator; ``build_http_client`` makes one) and speaks only in its own result
-types and exceptions. Protocol facts are from ``reference/daraja.md``; section numbers below
-refer to it.
+types and exceptions.
 
 Transport failures are translated in exactly one place, ``DarajaClient._send``, with
 ``raise ... from exc`` so the httpx cause stays attached.
 
 The client never retries a push by itself, with one exception: a product call answered with
 ``404.001.03`` / ``401.00x.01`` (token rejected) is retried once with a fresh token, because a
-rejected token proves the request was not processed (§1.2, reliability.md M9).
+rejected token proves the request was not processed.
 """
 
 from __future__ import annotations
@@ -22,12 +21,15 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import httpx
+from prometheus_client import Counter
 
 from lipia.clock import Clock, NairobiClock, daraja_timestamp
-from lipia.redact import mask_phone
+from lipia.redact import mask_checkout_id, mask_phone
+from lipia.tls import client_context
 
 from .errors import DarajaAmbiguous, DarajaAuthError, DarajaError, DarajaUnavailable, _copy_error
 from .wire import (
@@ -48,12 +50,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("lipia.daraja")
 
+DARAJA_ERRORS = Counter(
+    "lipia_daraja_errors",
+    "Failed Daraja calls, by endpoint (stk_push, stk_query, oauth), lipia's classification "
+    "(DarajaBusy, DarajaAuthError, ...) and Daraja's error code (or the HTTP status).",
+    ["endpoint", "error", "code"],
+)
+
 TOKEN_PATH = "/oauth/v1/generate"
 STK_PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 STK_QUERY_PATH = "/mpesa/stkpushquery/v1/query"
 
-# §2: AccountReference max 12 characters, TransactionDesc max 13; special characters have caused
-# silent failures, so only [A-Za-z0-9 -] goes on the wire.
+# Daraja's limits: AccountReference max 12 characters, TransactionDesc max 13. Special characters
+# have caused silent failures, so only [A-Za-z0-9 -] goes on the wire.
 ACCOUNT_REFERENCE_MAX = 12
 TRANSACTION_DESC_MAX = 13
 _UNSAFE_TEXT = re.compile(r"[^A-Za-z0-9 \-]")
@@ -84,6 +93,7 @@ def build_http_client(
         follow_redirects=False,
         transport=transport,
         headers={"Accept": "application/json"},
+        verify=client_context(),
     )
 
 
@@ -130,6 +140,8 @@ class DarajaClient:
         self._margin = token_refresh_margin_seconds
         self._monotonic = monotonic
         self._token: _Token | None = None
+        # When the cached token was fetched (for health reports).
+        self.token_fetched_at: datetime | None = None
         self._fetch_attempts = 0
         self._last_fetch_failure: DarajaError | None = None
         # Single-flight refresh: concurrent callers on a cold or stale cache wait for one fetch
@@ -175,12 +187,18 @@ class DarajaClient:
                 token = await self._fetch_token()
             except DarajaError as exc:
                 self._last_fetch_failure = exc
+                _count_failure("oauth", exc)
                 raise
             finally:
                 # Counted on completion, so callers that queued while it ran can tell it happened.
                 self._fetch_attempts += 1
             self._token = token
+            self.token_fetched_at = datetime.now(UTC)
             return token.value
+
+    def has_valid_token(self) -> bool:
+        """True while a token is cached and not yet due for refresh (no request is made)."""
+        return self._token is not None and self._monotonic() < self._token.refresh_at
 
     def _invalidate(self, value: str) -> None:
         # Only drop the token the failed request used: if a concurrent caller already replaced
@@ -230,7 +248,7 @@ class DarajaClient:
         transaction_type: str = "CustomerPayBillOnline",
         party_b: str | None = None,
     ) -> StkPushAccepted:
-        """Send an M-Pesa Express prompt to ``phone`` (§2).
+        """Send an M-Pesa Express prompt to ``phone``.
 
         ``phone`` is ``254`` + 9 digits, ``amount`` whole shillings. ``account_reference`` and
         ``description`` are cleaned to ``[A-Za-z0-9 -]`` and cut to 12 / 13 characters.
@@ -246,7 +264,8 @@ class DarajaClient:
         reference = clean_text(account_reference, ACCOUNT_REFERENCE_MAX)
         if not reference:
             raise ValueError(f"account_reference {account_reference!r} is empty once cleaned")
-        # TransactionDesc must never be null or empty (a null one got "Invalid Remarks", §2).
+        # TransactionDesc must never be null or empty: a null one got "Bad Request - Invalid Remarks"
+        # (the gateway's name for this field).
         desc = clean_text(description, TRANSACTION_DESC_MAX) or "Payment"
 
         timestamp = daraja_timestamp(self._clock.now())
@@ -273,7 +292,7 @@ class DarajaClient:
         logger.info(
             "daraja stk_push accepted: checkout_request_id=%s merchant_request_id=%s phone=%s "
             "amount=%s elapsed_ms=%d",
-            accepted.checkout_request_id,
+            mask_checkout_id(accepted.checkout_request_id),
             accepted.merchant_request_id,
             mask_phone(phone),
             amount,
@@ -282,7 +301,7 @@ class DarajaClient:
         return accepted
 
     async def stk_query(self, checkout_request_id: str) -> StkQueryResult:
-        """Ask Daraja for the state of one push (§4). Read-only, so callers may repeat it freely.
+        """Ask Daraja for the state of one push. Read-only, so callers may repeat it freely.
 
         Returns ``state="pending"`` for every "no answer yet" shape. Raises ``DarajaError``
         subclasses otherwise; for a query every one of them means "ask again later" except
@@ -301,11 +320,11 @@ class DarajaClient:
             response = await self._product_call("stk_query", STK_QUERY_PATH, body)
             result = _parse_query(response, checkout_request_id)
         except DarajaError as exc:
-            _log_failure("stk_query", exc, started, checkout_request_id=checkout_request_id)
+            _log_failure("stk_query", exc, started, checkout_request_id=mask_checkout_id(checkout_request_id))
             raise
         logger.info(
             "daraja stk_query: checkout_request_id=%s state=%s result_code=%s not_found=%s elapsed_ms=%d",
-            result.checkout_request_id,
+            mask_checkout_id(result.checkout_request_id),
             result.state,
             result.result_code,
             result.not_found,
@@ -314,8 +333,8 @@ class DarajaClient:
         return result
 
     def _password(self, timestamp: str) -> str:
-        # §2: plain concatenation then Base64 -- reversible, so this value is as secret as the
-        # passkey and must never be logged.
+        # Password = Base64(shortcode + passkey + timestamp): plain concatenation, not a hash. It is
+        # reversible, so this value is as secret as the passkey and must never be logged.
         raw = f"{self._shortcode}{self._passkey}{timestamp}".encode()
         return base64.b64encode(raw).decode("ascii")
 
@@ -404,7 +423,7 @@ class DarajaClient:
 
 
 def clean_text(value: str, limit: int) -> str:
-    """Drop characters outside ``[A-Za-z0-9 -]``, cut to ``limit`` and trim spaces (§2)."""
+    """Drop characters outside ``[A-Za-z0-9 -]``, cut to ``limit`` and trim spaces."""
     return _UNSAFE_TEXT.sub("", value)[:limit].strip()
 
 
@@ -415,7 +434,18 @@ def _elapsed_ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
 
 
+def _count_failure(endpoint: str, exc: DarajaError) -> None:
+    """Count ``exc`` once, under the call that failed first (a token fetch failing inside a push
+    counts as an oauth error, not a second time as a push error)."""
+    if getattr(exc, "_lipia_counted", False):
+        return
+    exc._lipia_counted = True  # type: ignore[attr-defined]
+    code = exc.error_code or (str(exc.http_status) if exc.http_status else "none")
+    DARAJA_ERRORS.labels(endpoint=endpoint, error=type(exc).__name__, code=code[:40]).inc()
+
+
 def _log_failure(endpoint: str, exc: DarajaError, started: float, **context: str) -> None:
+    _count_failure(endpoint, exc)
     # Only our own classification and Daraja's codes are logged; never bodies or headers.
     details = " ".join(f"{key}={value}" for key, value in context.items())
     logger.warning(

@@ -13,7 +13,7 @@ Daraja supplied them, and never a secret:
   + DarajaUnavailable        - the request never left (connect failure); not processed.
 
 Which response shape maps to which class is decided in ``wire``; transport failures are
-translated in ``client`` (``DarajaClient._send``). Section numbers refer to ``reference/daraja.md``.
+translated in ``client`` (``DarajaClient._send``).
 """
 
 from __future__ import annotations
@@ -111,9 +111,9 @@ class DarajaAmbiguous(DarajaError):
     connection reset or remote disconnect, a 5xx without a parseable Daraja error envelope,
     ``500.003.1001`` internal error, a redirect, or an unparseable 200 body.
 
-    **A push that raised this MUST NOT be re-sent, by anyone** (reliability.md R2): the prompt
-    may already be on the customer's phone, and a second push is a second payment. Resolve it by
-    callback or reconciliation. For STK Query this simply means "ask again later".
+    **A push that raised this MUST NOT be re-sent, by anyone**: STK Push has no idempotency key,
+    the prompt may already be on the customer's phone, and a second push is a second payment.
+    Resolve it by callback or reconciliation. For STK Query this simply means "ask again later".
     """
 
 

@@ -2,7 +2,7 @@
 
 Turns an ``httpx.Response`` into a result (``StkPushAccepted``, ``StkQueryResult``) or into the
 ``DarajaError`` subclass it stands for. Pure functions, no I/O. Unknown shapes are ambiguous,
-never safe. Protocol facts are from ``reference/daraja.md``; section numbers refer to it.
+never safe.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from .errors import (
     DarajaUnavailable,
 )
 
-# 401.003.01 "no apiproduct match found" and kin: the gateway refused the token (§3.2).
+# 401.003.01 "no apiproduct match found" and kin: the gateway refused the token (e.g. the app is
+# not subscribed to this product).
 _TOKEN_REJECTED_401 = re.compile(r"^401\.\d{3}\.01$")
 _BUSY_CODES = frozenset({"500.003.02", "500.003.03"})
-# The query's "still in flight" answer (§4.2).
+# The query's "still in flight" ResultCode ("The transaction is still under processing", HTTP 200).
 _QUERY_PENDING_RESULT = "4999"
 
 
@@ -37,7 +38,7 @@ _QUERY_PENDING_RESULT = "4999"
 
 @dataclass(frozen=True, slots=True)
 class StkPushAccepted:
-    """Daraja accepted the push for processing (§3.1). Says nothing yet about payment."""
+    """Daraja accepted the push for processing. Says nothing yet about payment."""
 
     merchant_request_id: str
     checkout_request_id: str
@@ -48,13 +49,14 @@ class StkPushAccepted:
 
 @dataclass(frozen=True, slots=True)
 class StkQueryResult:
-    """One STK Push Query answer (§4).
+    """One STK Push Query answer.
 
     ``state == "final"``: ``result_code`` is the payment's final ResultCode as a string (``"0"``
-    paid; anything else failed, see §6). ``state == "pending"``: no answer yet, ask again later;
-    this covers HTTP 500 ``500.001.1001`` "being processed" (or an empty message) and HTTP 200
-    ``ResultCode "4999"``. ``not_found`` is set when Daraja said "The transaction does not Exist":
-    that is inconclusive (§4.3), never evidence that the payment failed.
+    paid; anything else failed and moved no money). ``state == "pending"``: no answer yet, ask
+    again later; this covers HTTP 500 ``500.001.1001`` "being processed" (or an empty message)
+    and HTTP 200 ``ResultCode "4999"``. ``not_found`` is set when Daraja said "The transaction
+    does not Exist": that is inconclusive (the same errorCode also means "still processing"),
+    never evidence that the payment failed.
     """
 
     state: Literal["final", "pending"]
@@ -71,7 +73,8 @@ class StkQueryResult:
 
 @dataclass(frozen=True, slots=True)
 class _Envelope:
-    """Daraja's error body: ``{"requestId", "errorCode", "errorMessage"}`` (§3.2)."""
+    """Daraja's error body, the same for all its products:
+    ``{"requestId", "errorCode", "errorMessage"}``."""
 
     error_code: str
     error_message: str | None
@@ -119,7 +122,7 @@ def _parse_query(response: httpx.Response, checkout_request_id: str) -> StkQuery
         if body is None:
             raise DarajaAmbiguous(f"stk_query: HTTP {status} with an unparseable body", http_status=status)
         result_code = _code(body.get("ResultCode"))
-        # §11: final answers are 200 with a ResultCode other than 4999; anything else is "not yet".
+        # Final answers are 200 with a ResultCode other than 4999; anything else is "not yet".
         final = result_code is not None and result_code != _QUERY_PENDING_RESULT
         return StkQueryResult(
             state="final" if final else "pending",
@@ -134,7 +137,7 @@ def _parse_query(response: httpx.Response, checkout_request_id: str) -> StkQuery
     if status >= 500 and envelope is not None and envelope.error_code == "500.001.1001":
         message = (envelope.error_message or "").lower()
         if not _is_config_message(message):
-            # §4.2/§4.3: the query's 500.001.1001 means "no answer this time", whatever the
+            # The query's 500.001.1001 means "no answer this time", whatever the
             # message -- including "does not exist", which is inconclusive, not a failure.
             return StkQueryResult(
                 state="pending",
@@ -146,7 +149,7 @@ def _parse_query(response: httpx.Response, checkout_request_id: str) -> StkQuery
 
 
 def _error_for(response: httpx.Response, endpoint: str) -> DarajaError:
-    """Classify a non-200 product response (§3.2). Unknown shapes are ambiguous, never safe."""
+    """Classify a non-200 product response. Unknown shapes are ambiguous, never safe."""
     status = response.status_code
     envelope = _envelope(response)
     fields = _envelope_fields(response, envelope)
@@ -175,7 +178,7 @@ def _token_error(response: httpx.Response) -> DarajaError:
     envelope = _envelope(response)
     fields = _envelope_fields(response, envelope)
     if status in (400, 401) and not response.content.strip():
-        # §1.2: wrong key/secret is a bare 400 "Bad Request: Invalid Credentials".
+        # Wrong key/secret: a bare 400 with an empty body (status line "Bad Request: Invalid Credentials").
         return DarajaAuthError("invalid consumer key or secret", **fields)
     if (envelope is not None and envelope.error_code in _BUSY_CODES) or status == 429:
         return DarajaBusy(f"oauth: HTTP {status} busy", **fields)
@@ -236,7 +239,8 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
 
 
 def _code(value: object) -> str | None:
-    """Daraja sends codes as strings or numbers depending on endpoint and era (§4.1)."""
+    """Daraja sends codes as strings or numbers depending on endpoint and era (the query's
+    ResultCode is ``"0"``, the callback's ``0``)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -257,7 +261,7 @@ def _text(value: object) -> str | None:
 
 
 def _seconds(value: object) -> float | None:
-    """``expires_in`` is ``"3599"`` on the wire and ``3599`` in the docs (§1.2)."""
+    """``expires_in`` is ``"3599"`` on the wire and ``3599`` in the docs."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):

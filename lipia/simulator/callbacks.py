@@ -1,4 +1,4 @@
-"""The STK callback: Daraja's envelope (reference/daraja.md §5) POSTed over real HTTP.
+"""The STK callback: Daraja's envelope, POSTed over real HTTP to the push's CallBackURL.
 
 Delivered at most as often as asked: a failed delivery is recorded, never retried.
 """
@@ -8,12 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import httpx
 
+from .config import SimulatorConfig
 from .ids import nairobi_now
 from .ledger import CallbackAttempt, Ledger, Push
+from .routing import CallbackRoutes
 
 logger = logging.getLogger("lipia.simulator")
 
@@ -39,30 +44,34 @@ def callback_body(push: Push) -> dict[str, Any]:
     return {"Body": {"stkCallback": callback}}
 
 
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying context for every simulator of the process (httpx would load the system's
+    certificate authorities again for each client: about 70 ms)."""
+    return ssl.create_default_context()
+
+
 class CallbackSender:
     """POSTs callbacks with one lazily created HTTP client (no lifespan needed)."""
 
     def __init__(
         self,
         ledger: Ledger,
+        routes: CallbackRoutes,
+        config: Callable[[], SimulatorConfig],
         *,
-        shortcode: str,
-        timeout_seconds: float,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._ledger = ledger
-        self._headers = {
-            "Content-Type": "application/json;charset=UTF-8",
-            "BusinessShortCode": shortcode,
-        }
-        self._timeout = timeout_seconds
+        self._routes = routes
+        self._config = config  # read per delivery: the control API may replace it
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:
             self._client = httpx.AsyncClient(
-                transport=self._transport, timeout=self._timeout, follow_redirects=False
+                transport=self._transport, follow_redirects=False, verify=_tls_context()
             )
         return self._client
 
@@ -73,30 +82,40 @@ class CallbackSender:
         await asyncio.gather(*(self._post(push, body, content) for _ in range(copies)))
 
     async def _post(self, push: Push, body: dict[str, Any], content: bytes) -> None:
+        config = self._config()
+        delivery = self._routes.resolve(push.callback_url)
+        headers = {"Content-Type": "application/json;charset=UTF-8", "BusinessShortCode": config.shortcode}
+        if delivery.host is not None:
+            headers["Host"] = delivery.host
         sent_at = nairobi_now()
         status_code: int | None = None
         error: str | None = None
         try:
-            response = await self._http().post(push.callback_url, content=content, headers=self._headers)
+            response = await self._http().post(
+                delivery.url, content=content, headers=headers, timeout=config.callback_timeout_seconds
+            )
             status_code = response.status_code
         except Exception as exc:  # any failure to deliver is a fact to record, not a crash
             error = f"{type(exc).__name__}: {exc}"
         self._ledger.record_callback(
+            push,
             CallbackAttempt(
                 checkout_request_id=push.checkout_request_id,
                 url=push.callback_url,
+                delivered_to=delivery.url,
                 body=body,
                 sent_at=sent_at,
                 completed_at=nairobi_now(),
                 status_code=status_code,
                 error=error,
-            )
+            ),
         )
         logger.info(
-            "callback %s result=%s -> %s",
-            push.checkout_request_id,
+            "callback %s result=%s -> %s%s",
+            push.log_id,
             push.outcome.result_code,
             status_code if error is None else error,
+            f" (routed to {delivery.url.split('/', 3)[2]})" if delivery.host is not None else "",
         )
 
     async def aclose(self) -> None:

@@ -81,7 +81,7 @@ def daraja_routes(sim: Simulator) -> list[Route]:
         if fault is not None and fault.mode == "reset_after_accept":
             push.response_delivered = False
             sim.start(push)
-            logger.info("push %s accepted, connection will be reset", push.checkout_request_id)
+            logger.info("push %s accepted, connection will be reset", push.log_id)
             return _ResetAfterHeaders(body)
         if push.callback_fault.mode == "before_response":
             await sim.act_before_response(push)
@@ -110,9 +110,13 @@ def daraja_routes(sim: Simulator) -> list[Route]:
     ]
 
 
-def _credentials_match(encoded: str, key: str, secret: str) -> bool:
+def _credentials_match(encoded: str, key: str | None, secret: str | None) -> bool:
+    """Basic credentials: the configured pair, or (none configured) any non-empty key and secret."""
     try:
         decoded = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         return False
+    if key is None or secret is None:
+        given_key, colon, given_secret = decoded.partition(b":")
+        return bool(given_key and colon and given_secret)
     return hmac.compare_digest(decoded, f"{key}:{secret}".encode())

@@ -20,7 +20,8 @@ from .config import SimulatorConfig
 from .faults import Faults
 from .ids import IdFactory, access_token, nairobi_now
 from .ledger import Ledger, Push
-from .outcomes import CONTRADICT_FAILURE, CONTRADICT_SUCCESS, Wait, outcome_for
+from .outcomes import CONTRADICT_FAILURE, CONTRADICT_SUCCESS, Outcome, Wait, outcome_for
+from .routing import CallbackRoutes
 from .validation import (
     INVALID_AUTH_HEADER,
     INVALID_TOKEN,
@@ -34,6 +35,11 @@ from .validation import (
 logger = logging.getLogger("lipia.simulator")
 
 QUERY_ACCEPTED = "The service request has been accepted successsfully"  # sic: Daraja's own typo
+PENDING_4999_DESC = "The transaction is still under processing"
+
+
+class AlreadyFinal(Exception):
+    """The customer cannot act on a push that is already final."""
 
 
 def mask_phone(phone: str) -> str:
@@ -47,15 +53,14 @@ class Simulator:
     def __init__(
         self, config: SimulatorConfig, *, callback_transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
+        # Replaced whole (never mutated) by `POST /simulator/config`: read it at use time.
         self.config = config
         self.ledger = Ledger()
         self.faults = Faults()
         self.ids = IdFactory()
+        self.routes = CallbackRoutes(config.callback_routes)
         self.callbacks = CallbackSender(
-            self.ledger,
-            shortcode=config.shortcode,
-            timeout_seconds=config.callback_timeout_seconds,
-            transport=callback_transport,
+            self.ledger, self.routes, lambda: self.config, transport=callback_transport
         )
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -110,7 +115,7 @@ class Simulator:
         self.ledger.add_push(push)
         logger.info(
             "push accepted %s phone=%s amount=%d outcome=%s callback=%s",
-            push.checkout_request_id,
+            push.log_id,
             mask_phone(push.phone),
             push.amount,
             outcome.result_code,
@@ -120,9 +125,15 @@ class Simulator:
 
     def start(self, push: Push) -> None:
         """Let the customer act after the outcome's delay, then deliver the callback."""
-        task = asyncio.get_running_loop().create_task(self._lifecycle(push))
+        # The delay is fixed now, so a config change affects the next push, not this one.
+        task = asyncio.get_running_loop().create_task(self._lifecycle(push, self._delay(push)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @property
+    def background_tasks(self) -> int:
+        """Customer actions and callbacks still scheduled or running."""
+        return sum(1 for task in self._tasks if not task.done())
 
     async def act_before_response(self, push: Push) -> None:
         """The `before_response` fault: the customer acts and the callback completes right now."""
@@ -130,8 +141,16 @@ class Simulator:
         if push.outcome.send_callback:
             await self.callbacks.deliver(push)
 
-    def act(self, push: Push) -> None:
-        """Make the customer act now; the callback follows as the push's faults say."""
+    def act(self, push: Push, outcome: Outcome | None = None) -> None:
+        """Make the customer act now, with `outcome` instead of the scripted one if given.
+
+        The callback follows as the push's faults say. Raises AlreadyFinal if the customer (or the
+        prompt's timeout) has already settled the push.
+        """
+        if push.state == "final":
+            raise AlreadyFinal(push.checkout_request_id)
+        if outcome is not None:
+            push.outcome = outcome
         self._settle(push)
         push.act_now.set()
 
@@ -144,25 +163,27 @@ class Simulator:
         if self.ledger.settle(push, nairobi_now(), time.monotonic()):
             logger.info(
                 "customer acted %s result=%s paid=%s",
-                push.checkout_request_id,
+                push.log_id,
                 push.outcome.result_code,
                 push.paid,
             )
 
-    async def _lifecycle(self, push: Push) -> None:
+    async def _lifecycle(self, push: Push, delay: float) -> None:
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(push.act_now.wait(), timeout=self._delay(push))
+                await asyncio.wait_for(push.act_now.wait(), timeout=delay)
             self._settle(push)
+            if not self.ledger.knows(push):
+                return
             fault = push.callback_fault
             if not push.outcome.send_callback or fault.mode == "drop":
-                logger.info("callback %s not sent (%s)", push.checkout_request_id, fault.mode)
+                logger.info("callback %s not sent (%s)", push.log_id, fault.mode)
                 return
             if fault.delay_seconds:
                 await asyncio.sleep(fault.delay_seconds)
             await self.callbacks.deliver(push, fault.count)
         except Exception:  # a bug here must not vanish silently in a background task
-            logger.exception("simulated payment %s failed", push.checkout_request_id)
+            logger.exception("simulated payment %s failed", push.log_id)
 
     # -- STK Query -----------------------------------------------------------------------------
 
@@ -172,6 +193,8 @@ class Simulator:
             raise DarajaError(500, "500.001.1001", "The transaction does not Exist")
         lag = push.query_fault.lag_seconds
         if push.acted_monotonic is None or time.monotonic() < push.acted_monotonic + lag:
+            if push.query_fault.pending_shape == "4999":
+                return self._query_answer(push, "4999", PENDING_4999_DESC)
             raise DarajaError(
                 500,
                 "500.001.1001",
@@ -181,13 +204,17 @@ class Simulator:
         outcome = push.outcome
         if push.query_fault.contradict:
             outcome = CONTRADICT_SUCCESS if outcome.paid else CONTRADICT_FAILURE
+        return self._query_answer(push, str(outcome.result_code), outcome.query_desc)
+
+    @staticmethod
+    def _query_answer(push: Push, result_code: str, result_desc: str) -> dict[str, Any]:
         return {
             "ResponseCode": "0",
             "ResponseDescription": QUERY_ACCEPTED,
             "MerchantRequestID": push.merchant_request_id,
             "CheckoutRequestID": push.checkout_request_id,
-            "ResultCode": str(outcome.result_code),
-            "ResultDesc": outcome.query_desc,
+            "ResultCode": result_code,
+            "ResultDesc": result_desc,
         }
 
     # -- housekeeping --------------------------------------------------------------------------
@@ -199,9 +226,15 @@ class Simulator:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def reset(self) -> None:
-        """Stop every pending prompt and forget all pushes and callbacks (faults and tokens stay)."""
-        await self._cancel_tasks()
+        """Stop every pending prompt and forget all pushes and callbacks.
+
+        Faults, tokens, the configuration and callback routes stay. The ledger is cleared before
+        waiting for the cancelled tasks, so a push accepted meanwhile belongs to the new ledger
+        and keeps its task, and nothing of a forgotten push (a callback in flight, a subscriber
+        lock) outlives the reset.
+        """
         self.ledger.clear()
+        await self._cancel_tasks()
 
     async def aclose(self) -> None:
         """Cancel pending customer actions and callbacks, and close the callback HTTP client."""

@@ -16,13 +16,15 @@ T = TypeVar("T")
 
 CallbackMode = Literal["normal", "drop", "duplicate", "delay", "before_response"]
 PushMode = Literal["error", "reset_after_accept"]
+PendingShape = Literal["500", "4999"]
 CALLBACK_MODES: tuple[CallbackMode, ...] = ("normal", "drop", "duplicate", "delay", "before_response")
 PUSH_MODES: tuple[PushMode, ...] = ("error", "reset_after_accept")
+PENDING_SHAPES: tuple[PendingShape, ...] = ("500", "4999")
 
 MAX_SECONDS = 3600.0
 MAX_DUPLICATES = 50
 
-# Daraja's words for its gateway errors (reference/daraja.md §3.2), used when none is given.
+# Daraja's words (errorMessage) for its gateway errors, used when none is given.
 DEFAULT_ERROR_CODE = "500.003.02"
 KNOWN_ERROR_MESSAGES = {
     "500.003.02": "Error Occurred: Spike Arrest Violation",
@@ -59,6 +61,9 @@ class PushFault:
 class QueryFault:
     lag_seconds: float = 0.0  # keep answering "being processed" this long after the customer acted
     contradict: bool = False  # answer the opposite of what happened
+    # How "still processing" looks: the 500.001.1001 error envelope, or an HTTP 200 answer with
+    # ResultCode 4999 (some Daraja eras answer a pending query that way).
+    pending_shape: PendingShape = "500"
 
 
 @dataclass(slots=True)
@@ -158,7 +163,11 @@ def _push_json(fault: PushFault) -> dict[str, Any]:
 
 
 def _query_json(fault: QueryFault) -> dict[str, Any]:
-    return {"lag_seconds": fault.lag_seconds, "contradict": fault.contradict}
+    return {
+        "lag_seconds": fault.lag_seconds,
+        "contradict": fault.contradict,
+        "pending_shape": fault.pending_shape,
+    }
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -242,12 +251,15 @@ def _parse_push(data: dict[str, Any]) -> Armed[PushFault]:
 
 
 def _parse_query(data: dict[str, Any]) -> Armed[QueryFault]:
-    _only(data, ("lag_seconds", "contradict", "times"), "query")
+    _only(data, ("lag_seconds", "contradict", "pending_shape", "times"), "query")
     lag = _seconds(data.get("lag_seconds", 0.0), "query.lag_seconds")
     contradict = data.get("contradict", False)
     if not isinstance(contradict, bool):
         raise FaultError("query.contradict must be true or false")
-    return Armed(QueryFault(lag, contradict), _times(data, "query"))
+    shape = cast(
+        PendingShape, _choice(data.get("pending_shape", "500"), "query.pending_shape", PENDING_SHAPES)
+    )
+    return Armed(QueryFault(lag, contradict, shape), _times(data, "query"))
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], Armed[Any]]] = {

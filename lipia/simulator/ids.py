@@ -1,6 +1,6 @@
 """Daraja-looking identifiers and the Nairobi clock they are built from.
 
-Formats follow what Daraja emits today (reference/daraja.md §3.1, §5.2, §10); they are opaque to
+Formats follow what Daraja emits today in its push answers and callbacks; they are opaque to
 clients, so realism matters more than any rule.
 """
 
@@ -64,3 +64,11 @@ class IdFactory:
         self._last_checkout_ms = ms
         local = datetime.fromtimestamp(ms / 1000, NAIROBI)
         return f"ws_CO_{local.strftime('%d%m%Y%H%M%S')}{ms % 1000}{phone[3:]}"
+
+
+def masked_checkout_request_id(checkout_request_id: str) -> str:
+    """For log lines: the id ends in the payer's 9-digit number, so all but its last 3 digits
+    are hidden (``ws_CO_…123******149``)."""
+    if len(checkout_request_id) < 9 or not checkout_request_id[-9:].isdigit():
+        return checkout_request_id
+    return checkout_request_id[:-9] + "******" + checkout_request_id[-3:]

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .faults import CallbackFault, QueryFault
-from .ids import daraja_timestamp, receipt_number
+from .ids import daraja_timestamp, masked_checkout_request_id, receipt_number
 from .outcomes import Outcome
 
 
@@ -42,6 +42,11 @@ class Push:
     transaction_date: int | None = None
     response_delivered: bool = True
     act_now: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def log_id(self) -> str:
+        """The CheckoutRequestID as log lines show it (without the payer's number)."""
+        return masked_checkout_request_id(self.checkout_request_id)
 
     @property
     def paid(self) -> bool:
@@ -75,7 +80,8 @@ class Push:
 @dataclass(frozen=True, slots=True)
 class CallbackAttempt:
     checkout_request_id: str
-    url: str
+    url: str  # the push's CallBackURL
+    delivered_to: str  # where the request went: the CallBackURL, or its callback route's target
     body: dict[str, Any]
     sent_at: datetime
     completed_at: datetime
@@ -86,6 +92,7 @@ class CallbackAttempt:
         return {
             "CheckoutRequestID": self.checkout_request_id,
             "url": self.url,
+            "delivered_to": self.delivered_to,
             "body": self.body,
             "sent_at": self.sent_at.isoformat(),
             "completed_at": self.completed_at.isoformat(),
@@ -119,6 +126,10 @@ class Ledger:
 
     # -- pushes --------------------------------------------------------------------------------
 
+    def knows(self, push: Push) -> bool:
+        """False once a reset has forgotten the push (its late work must leave no trace)."""
+        return self.pushes.get(push.checkout_request_id) is push
+
     def has_live_prompt(self, phone: str) -> bool:
         return self._live_prompts[phone] > 0
 
@@ -130,7 +141,7 @@ class Ledger:
 
     def settle(self, push: Push, now: datetime, monotonic: float) -> bool:
         """The customer acts (or the prompt lapses). False if that already happened."""
-        if push.state == "final" or self.pushes.get(push.checkout_request_id) is not push:
+        if push.state == "final" or not self.knows(push):
             return False
         push.state = "final"
         push.acted_at = now
@@ -147,8 +158,9 @@ class Ledger:
             del self._live_prompts[push.phone]
         return True
 
-    def record_callback(self, attempt: CallbackAttempt) -> None:
-        self.callbacks.append(attempt)
+    def record_callback(self, push: Push, attempt: CallbackAttempt) -> None:
+        if self.knows(push):  # a delivery still in flight at a reset belongs to the old ledger
+            self.callbacks.append(attempt)
 
     def clear(self) -> None:
         """Forget pushes and callbacks. Tokens stay valid; receipts issued stay reserved (never reused)."""

@@ -1,4 +1,4 @@
-"""What the simulated customer does, chosen by magic phone number (design.md §5).
+"""What the simulated customer does, chosen by magic phone number (the table in README.md).
 
 Like test card numbers: a handful of numbers produce each failure, every other valid number pays.
 """
@@ -52,7 +52,23 @@ MAGIC_NUMBERS: dict[str, Outcome] = {
     "254700009999": PAID_NO_CALLBACK,
 }
 
-# What a "contradicting" STK Query answers instead of the truth (the sandbox quirk, daraja.md §4.4).
+# Outcomes `POST /simulator/pushes/{id}/act` can impose, by name and by result code (a code
+# names the outcome that sends a callback; 0 is the plain success).
+OUTCOMES_BY_NAME: dict[str, Outcome] = {
+    "success": SUCCESS,
+    "insufficient_funds": INSUFFICIENT_FUNDS,
+    "cancelled": CANCELLED,
+    "no_response": NO_RESPONSE,
+    "wrong_pin": WRONG_PIN,
+    "expired": EXPIRED,
+    "paid_no_callback": PAID_NO_CALLBACK,
+}
+OUTCOMES_BY_CODE: dict[int, Outcome] = {
+    outcome.result_code: outcome for outcome in OUTCOMES_BY_NAME.values() if outcome.send_callback
+}
+
+# What a "contradicting" STK Query answers instead of the truth. A sandbox quirk: the public
+# sandbox's query has reported failure for payments whose callback said ResultCode 0.
 CONTRADICT_SUCCESS = CANCELLED
 CONTRADICT_FAILURE = SUCCESS
 

@@ -1,4 +1,4 @@
-"""Daraja's request validation and error envelopes (reference/daraja.md §2-§4).
+"""Daraja's request validation and error envelopes.
 
 Everything a client can send is checked here, with the exact `errorCode` / `errorMessage` Daraja
 uses, so that no malformed request reaches the rest of the simulator.

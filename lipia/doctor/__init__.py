@@ -1,0 +1,1 @@
+"""``lipia doctor``: the frontend team's checklist as a command (see ``run``)."""

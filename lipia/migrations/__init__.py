@@ -1,0 +1,1 @@
+"""lipia's Alembic environment and revisions; ``lipia.schema`` runs them (``lipia db upgrade``)."""
