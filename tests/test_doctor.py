@@ -4,6 +4,7 @@ be broken the ways the checklist warns about, each a small real HTTP server."""
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import os
@@ -15,22 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
+from rich.console import Console
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from lipia.config import Settings
+from lipia.config.defaults import ExternalOrders
 from lipia.daraja import DarajaClient, build_http_client
 from lipia.doctor.backend import DoctorOptions
-from lipia.doctor.configuration import check_payments
+from lipia.doctor.configuration import (
+    check_callback_url,
+    check_configuration,
+    check_exposure,
+    check_payments,
+    check_server,
+    check_shortcode,
+)
 from lipia.doctor.contract import read_status
 from lipia.doctor.findings import Findings, Outcome
-from lipia.doctor.report import Masker, as_json, markdown
+from lipia.doctor.report import Masker, as_json, markdown, print_report
 from lipia.doctor.run import run_doctor
 from lipia.http.security import UNTRUSTED_FORWARDED_FOR
 from lipia.observability.snapshot import Snapshot
 from lipia.simulator import SimulatorConfig, create_simulator
-from tests.support.server import RunningServer, ServerFactory, serving
+from tests.support.server import RunningServer, ServerFactory, bound_socket, serving
 from tests.support.simulator import arm
 
 pytestmark = pytest.mark.anyio
@@ -243,6 +255,133 @@ def server_settings(tmp_path: Path) -> Any:
     from tests.support.server import fast_settings
 
     return fast_settings(tmp_path, 5555)
+
+
+def live_settings(tmp_path: Path, **values: Any) -> Settings:
+    """Settings as a merchant going live writes them; ``values`` replace fields after validation,
+    as a hand-edited environment can leave them for doctor to find."""
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'lipia.db'}",
+        daraja_env="sandbox",
+        public_url="https://pay.example.com",
+        consumer_key="key-" + secrets.token_hex(8),
+        consumer_secret="secret-" + secrets.token_hex(8),
+        admin_token=secrets.token_hex(24),
+    )
+    return settings.model_copy(update=values)
+
+
+@pytest.mark.parametrize(
+    ("public_url", "outcome", "needle"),
+    [
+        ("https://pay.example.com", Outcome.PASS, "https, public"),
+        ("http://pay.example.com", Outcome.FAIL, "must be the https:// address"),
+        ("https://10.0.0.5", Outcome.FAIL, "LIPIA_PUBLIC_URL"),
+        ("https://mpesa.example.com", Outcome.WARN, "contains mpesa"),
+        ("https://pay.example.com/sql", Outcome.WARN, "contains sql"),
+    ],
+)
+def test_config_reads_the_callback_url_as_daraja_would(
+    tmp_path: Path, public_url: str, outcome: Outcome, needle: str
+) -> None:
+    findings = Findings(url="http://x")
+    check_callback_url(live_settings(tmp_path, public_url=public_url), findings)
+    found = check(findings, "callback URL")
+    assert (found.outcome, needle in found.detail) == (outcome, True), found
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"shortcode": "17"}, "is not a 5-7 digit shortcode"),
+        ({"transaction_type": "CustomerPayBill"}, "is neither CustomerPayBillOnline nor"),
+        ({"transaction_type": "CustomerBuyGoodsOnline", "party_b": None}, "LIPIA_PARTY_B (the till number)"),
+        ({"party_b": "600111"}, "a paybill pays its own shortcode"),
+        ({"transaction_type": "CustomerBuyGoodsOnline", "party_b": "till-9"}, "is not a till"),
+    ],
+)
+def test_config_finds_a_shortcode_daraja_would_refuse(
+    tmp_path: Path, values: dict[str, Any], needle: str
+) -> None:
+    findings = Findings(url="http://x")
+    check_shortcode(live_settings(tmp_path, **values), findings)
+    found = check(findings, "shortcode, transaction type and till")
+    assert (found.outcome, needle in found.detail) == (Outcome.FAIL, True), found
+
+
+def test_config_passes_a_till_with_its_store_number(tmp_path: Path) -> None:
+    findings = Findings(url="http://x")
+    settings = live_settings(tmp_path, transaction_type="CustomerBuyGoodsOnline", party_b="5432100")
+    check_shortcode(settings, findings)
+    found = check(findings, "shortcode, transaction type and till")
+    assert (found.outcome, found.detail) == (Outcome.PASS, "CustomerBuyGoodsOnline, till 5432100")
+
+
+def test_config_warns_of_open_external_orders_and_an_exposed_simulator(tmp_path: Path) -> None:
+    findings = Findings(url="http://x")
+    check_exposure(live_settings(tmp_path, external_orders=ExternalOrders.open), findings)
+    assert outcomes(findings) == {"external orders": Outcome.WARN}
+    findings = Findings(url="http://x")
+    # Allowed on purpose (lipia serve --allow-remote), and still worth a warning.
+    simulator = Settings(
+        _env_file=None, database_url="sqlite+aiosqlite:///x.db", host="0.0.0.0", simulator_allow_remote=True
+    )
+    check_exposure(simulator, findings)
+    assert outcomes(findings) == {"external orders": Outcome.PASS, "simulator exposure": Outcome.WARN}
+    assert "anyone on the network can mark orders paid" in check(findings, "simulator exposure").detail
+
+
+async def test_config_reports_a_database_it_cannot_read_and_a_server_that_is_not_there(
+    tmp_path: Path,
+) -> None:
+    # A file that is not a database where lipia's should be, and nothing listening where lipia
+    # should be.
+    (tmp_path / "lipia.db").write_bytes(b"not a database, " * 512)
+    with bound_socket() as sock:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        findings = Findings(url=url)
+        await check_configuration(live_settings(tmp_path), url, findings)
+    database = check(findings, "database")
+    assert (database.outcome, "cannot read lipia's database" in database.detail) == (Outcome.FAIL, True)
+    reconciler = check(findings, "reconciler")
+    assert (reconciler.outcome, reconciler.fix) == (
+        Outcome.FAIL,
+        "start lipia (lipia serve), or pass its URL",
+    )
+
+
+async def test_config_warns_when_the_server_runs_no_reconciler(server_factory: ServerFactory) -> None:
+    async with server_factory(reconciler_enabled=False) as server:
+        findings = Findings(url=server.base_url)
+        await check_server(server.settings, server.base_url, findings)
+        assert outcomes(findings)["reconciler"] is Outcome.WARN
+        # Without the server's metrics token, the proxy check is skipped, and says why.
+        findings = Findings(url=server.base_url)
+        other = server.settings.model_copy(
+            update={"metrics_token": SecretStr("not-" + secrets.token_hex(16))}
+        )
+        await check_server(other, server.base_url, findings)
+        skipped = check(findings, "trusted proxies")
+        assert (skipped.outcome, skipped.detail) == (Outcome.SKIP, "GET /metrics answered 401")
+
+
+def test_the_terminal_report_shows_every_check_and_its_fix() -> None:
+    findings = Findings(url="http://127.0.0.1:5555")
+    findings.add("credentials", Outcome.FAIL, "OAuth for 254712345678 refused", "set LIPIA_CONSUMER_KEY")
+    findings.add("reconciler", Outcome.PASS, "running (3 rounds)")
+    written = io.StringIO()
+    print_report(findings, Masker(), Console(file=written, width=200, color_system=None))
+    shown = written.getvalue()
+    assert "credentials" in shown
+    assert "running (3 rounds)" in shown
+    assert "fix: set LIPIA_CONSUMER_KEY" in shown
+    assert "1 check(s) failed." in shown
+    assert "254712345678" not in shown
+    findings.checks.pop(0)
+    written = io.StringIO()
+    print_report(findings, Masker(), Console(file=written, width=200, color_system=None))
+    assert "Every check passed." in written.getvalue()
 
 
 # -- against backends broken on purpose -----------------------------------------------------------

@@ -36,8 +36,9 @@ from bench.chaos.run import free_port, lipia_command
 from lipia.cli import cli
 from lipia.simulator import SimulatedConnectionReset, SimulatorConfig, create_simulator
 from lipia.simulator.standalone import banner, control_token_for, simulator_config_from_options
+from lipia.simulator.trigger import NAMED_FAULTS, SimulatorControl, TriggerError, fault_body
 from lipia.simulator.validation import DarajaError, parse_json_object, parse_stk_push
-from tests.support.server import serving
+from tests.support.server import bound_socket, serving
 from tests.support.waiting import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.any_configuration]
@@ -1841,3 +1842,64 @@ def test_body_parsing_never_crashes(raw: bytes) -> None:
     except DarajaError as err:
         result = err.code
     assert isinstance(result, dict) or result == "400.002.05"
+
+
+# -- lipia trigger's client of the control API --------------------------------------------------
+
+
+async def test_every_named_fault_is_one_the_simulator_accepts() -> None:
+    config = SimulatorConfig(
+        callback_delay_seconds=DELAY, prompt_timeout_seconds=PROMPT, control_token="ctl-token"
+    )
+    async with serving(create_simulator(config)) as url:
+        # The client is synchronous, as the CLI is: it runs in a thread beside this loop's server.
+        def arm_each() -> list[Any]:
+            with SimulatorControl(url, token="ctl-token") as control:
+                armed = [control.faults(fault_body(name, times=2)) for name in NAMED_FAULTS]
+                armed.append(control.faults(fault_body(None, raw='{"query": {"lag_seconds": 5}}')))
+                shown = control.faults()
+                control.faults(clear=True)
+                return [armed, shown, control.faults()]
+
+        armed, shown, cleared = await asyncio.to_thread(arm_each)
+        assert len(armed) == len(NAMED_FAULTS) + 1
+        assert shown["query"]["lag_seconds"] == 5
+        assert shown["oauth_error"]["times"] == 2
+        assert {
+            group: cleared[group] for group in ("callback", "push", "query", "oauth_error")
+        } == dict.fromkeys(("callback", "push", "query", "oauth_error"))
+
+        def refused() -> str:
+            with SimulatorControl(url, token="not-the-token") as control:
+                try:
+                    control.faults()
+                except TriggerError as exc:
+                    return str(exc)
+            return "no error"
+
+        assert "answered 401 to GET /simulator/faults" in await asyncio.to_thread(refused)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "needle"),
+    [
+        ("no-such-fault", None, "unknown fault 'no-such-fault'; one of drop-callback"),
+        (None, "{not json", "--json is not JSON"),
+        (None, "[1, 2]", "--json must be a JSON object"),
+    ],
+)
+def test_trigger_refuses_a_fault_it_cannot_send(name: str | None, raw: str | None, needle: str) -> None:
+    with pytest.raises(TriggerError, match=re.escape(needle)):
+        fault_body(name, raw=raw)
+
+
+def test_trigger_names_a_simulator_it_cannot_reach() -> None:
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with SimulatorControl(url, timeout=2) as control, pytest.raises(TriggerError) as refused:
+            control.pushes()
+    finally:
+        sock.close()
+    assert f"cannot reach the simulator at {url} (ConnectError)" in str(refused.value)
+    assert fault_body(None) is None

@@ -6,6 +6,7 @@ replays it all."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from lipia.config import Settings
-from lipia.config.webhooks import new_secret
+from lipia.config.webhooks import endpoint_url_problems, new_secret, secret_problem
 from lipia.events import metrics
 from lipia.events.addresses import AddressPolicy, AddressRefused
 from lipia.events.retry import MAX_DOUBLINGS, backoff_seconds, gives_up
@@ -369,6 +370,60 @@ def test_live_mode_refuses_private_and_plain_http_endpoints_without_the_opt_in()
     assert opted.allows_private_webhooks
     with pytest.raises(ValueError, match="LIPIA_WEBHOOK_SECRET is empty"):
         Settings(**{**live, "webhook_secret": []}, webhook_url="https://orders.example.com/h")  # type: ignore[arg-type]
+
+
+@pytest.mark.any_configuration
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://orders.example.com/hooks/lipia", None),
+        ("https://8.8.8.8/h", None),
+        ("https://0x7f.1/h", "host '0x7f.1' is not a public address (a loopback address)"),
+        ("https://127.1/h", "(a loopback address)"),
+        ("https://[::ffff:10.0.0.5]/h", "is not a public address"),
+        ("https://169.254.169.254/latest", "(a link-local address)"),
+        ("https://pay.internal./h", "('.internal' names are never public)"),
+        ("https://kitchen/h", "(a single-label name is not public)"),
+        ("http://orders.example.com/h", "must be https outside simulator mode"),
+        ("https://user:pw@orders.example.com/h", "must not carry a user name or password"),
+        ("https://orders.example.com/h#x", "must not contain '#'"),
+        ("https://orders.example.com:0/h", "has port 0"),
+        ("https://orders.example.com:99999/h", "is not a valid URL"),
+        ("ftp://orders.example.com/h", "must be an http:// or https:// URL"),
+        ("https:///h", "has no host"),
+        ("https://orders.example.com/h\n", "contains spaces or control characters"),
+        ("https://orders.example.com/" + "h" * 2048, "is longer than 2048 characters"),
+    ],
+)
+def test_an_endpoint_url_is_refused_for_each_way_it_could_reach_lipias_network(
+    url: str, problem: str | None
+) -> None:
+    problems = endpoint_url_problems(url, live=True, allow_private=False)
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in found for found in problems), problems
+    # A receiver on the merchant's own network, allowed on purpose, still needs a well-formed URL.
+    if problem is not None and "public address" in problem:
+        assert endpoint_url_problems(url, live=True, allow_private=True) == []
+
+
+@pytest.mark.any_configuration
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("hunter2", "must start with whsec_"),
+        ("whsec_not*base64", "is not whsec_ followed by base64"),
+        ("whsec_" + base64.b64encode(b"x" * 16).decode(), "must hold 24 to 64 random bytes (it holds 16)"),
+        ("whsec_" + base64.b64encode(b"x" * 65).decode(), "(it holds 65)"),
+    ],
+)
+def test_a_signing_secret_is_refused_without_echoing_it(secret: str, problem: str) -> None:
+    found = secret_problem(secret)
+    assert found is not None
+    assert problem in found
+    assert secret not in found
+    assert secret_problem(new_secret()) is None
 
 
 async def test_every_attempt_checks_where_a_name_resolves() -> None:

@@ -422,6 +422,16 @@ def _legacy_ipv4(name: str) -> ipaddress.IPv4Address | None:
         return None
 
 
+def host_address(name: str) -> IPAddress | None:
+    """The address a URL's host (lower case, without brackets or a trailing dot) stands for
+    without DNS: an IP address in any spelling an HTTP client reads (``[::1]``, ``127.1``,
+    ``2130706433``, ``0x7f.1``); None for a name, or for a number no client reads as one."""
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return _legacy_ipv4(name) if name and _looks_numeric(name) else None
+
+
 def daraja_is_local(settings: Settings) -> bool:
     """True when lipia talks to a Daraja on this machine (``LIPIA_DARAJA_BASE_URL`` on loopback):
     a simulator, so no real money moves whatever the mode."""
@@ -436,11 +446,7 @@ def is_loopback_host(host: str) -> bool:
     name = host.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
     if name == "localhost":
         return True
-    address: IPAddress | None
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        address = _legacy_ipv4(name) if name and _looks_numeric(name) else None
+    address = host_address(name)
     if address is None:
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import secrets
-import socket
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from lipia.config.guard import NON_PUBLIC_SUFFIXES, non_global_reason
+from lipia.config.guard import NON_PUBLIC_SUFFIXES, host_address, non_global_reason
 
 if TYPE_CHECKING:
     from lipia.config.settings import Settings
@@ -54,18 +52,9 @@ def secret_problem(secret: str) -> str | None:
 
 def host_refusal(host: str) -> str | None:
     """Why ``host`` (a URL's host, as written) is not a public address, or None. Names are only
-    judged by their suffix; an IP address in any spelling by where it points."""
+    judged by their suffix; an IP address in any spelling a client reads by where it points."""
     name = host.lower().strip("[]").removesuffix(".")
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        address = None
-        if name and all(part.isalnum() for part in name.split(".")) and name.replace(".", "").isdigit():
-            try:  # 127.1, 2130706433: what libc's inet_aton would read
-                address = ipaddress.IPv4Address(socket.inet_aton(name))
-            except OSError:
-                address = None
+    address = host_address(name)
     if address is not None:
         return non_global_reason(address)
     if not name:
