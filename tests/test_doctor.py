@@ -463,6 +463,43 @@ async def test_no_checkout_request_id_in_the_initiate_answer() -> None:
     assert findings.polls == 0
 
 
+async def test_a_backend_that_is_not_running() -> None:
+    with bound_socket() as sock:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        findings = await doctor_of(url)
+    up = check(findings, "backend is up")
+    assert (up.outcome, up.detail) == (Outcome.FAIL, "GET /api/menu: cannot connect (ConnectError)")
+    assert url in up.fix
+    # Nothing else is tried against a backend that is not there.
+    assert [c.name for c in findings.checks] == ["backend is up"]
+
+
+@pytest.mark.parametrize(
+    ("menu_status", "initiate_status", "name", "needle"),
+    [
+        (503, 200, "backend is up", "GET /api/menu answered 503"),
+        (200, 500, "initiate answers", "answered 500: Boom"),
+    ],
+)
+async def test_a_backend_that_answers_with_an_error(
+    menu_status: int, initiate_status: int, name: str, needle: str
+) -> None:
+    def answer(status: int) -> Callable[[Request], JSONResponse]:
+        return lambda _request: JSONResponse({"error": "Boom", "message": "down"}, status_code=status)
+
+    app = Starlette(
+        routes=[
+            Route("/api/menu", answer(menu_status) if menu_status != 200 else menu),
+            Route("/api/payments/mpesa/initiate", answer(initiate_status), methods=["POST"]),
+        ]
+    )
+    async with serving(app) as url:
+        findings = await doctor_of(url)
+    found = check(findings, name)
+    assert (found.outcome, needle in found.detail) == (Outcome.FAIL, True), found
+    assert not any(c.name.startswith("status") for c in findings.checks), findings.checks
+
+
 async def test_a_404_for_the_id_initiate_returned() -> None:
     async with broken_backend(lambda _id, _n: (404, {"error": "not found"})) as url:
         findings = await doctor_of(url)
