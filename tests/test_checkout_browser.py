@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import pytest
 from axe_playwright_python.async_playwright import Axe
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, Page, expect
 from sqlalchemy import select
 
 from lipia.errors import InvalidPhone
@@ -138,9 +138,9 @@ async def test_order_pay_and_see_the_receipt(
             assert shown["focused"] == "outcome-title"
             # The live region is cleared, then filled 50 ms later (so a repeated sentence is read
             # out again): wait for the announcement itself.
-            await page.wait_for_function(
-                "document.getElementById('announcer').textContent.includes('Payment received')"
-            )
+            # (Playwright's own matcher: a wait_for_function predicate is compiled with eval,
+            # which the page's Content-Security-Policy rightly refuses.)
+            await expect(page.locator("#announcer")).to_contain_text("Payment received", timeout=TIMEOUT_MS)
             assert await page.get_attribute("body", "data-transport") == "sse"
             await screenshot(page, request, "receipt")
 
