@@ -12,6 +12,8 @@ only when this script delivers its callback. Then:
    callback is posted; the client's next event is the completed status. Measured: from the
    callback being *applied* (lipia's ``payment status changed`` log line, written in the settling
    transaction just before it commits) to the event arriving, and from the callback's POST.
+   The same from applied to a waiting long-poll's answer, and to the first plain poll (one every
+   5 ms from the callback's POST) that shows the payment completed.
 2. **Page**: the checkout page in Chromium (Debian's), waiting on the payment (resumed from its
    saved attempt, as after a reload); measured from the callback applied to the outcome screen
    being shown (a MutationObserver records the moment in the page).
@@ -170,6 +172,39 @@ async def sse_latency(lipia: Lipia, sim: str, port: int, payments: int) -> dict[
     return {"from_applied": from_applied(lipia, shown_after), "from_callback_post": percentiles(from_post)}
 
 
+async def long_poll_latency(lipia: Lipia, sim: str, payments: int) -> dict[str, Any]:
+    """A long-poll (``?wait=25``) waiting on each payment when its callback lands."""
+    shown_after: list[tuple[float, str]] = []
+    for _ in range(payments):
+        order, initiated, path = await lipia.held_payment(sim)
+        url = f"/api/payments/status/{initiated['CheckoutRequestID']}"
+        waiting = asyncio.create_task(lipia.http.get(url, params={"wait": 25}))
+        # Long enough for the request to be parked on the change notification.
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), waiting.result().text
+        await lipia.deliver(order, initiated, path)
+        response = await waiting
+        shown = time.time()
+        assert response.json()["status"] == "completed", response.text
+        shown_after.append((shown, initiated["payment_id"]))
+    return {"from_applied": from_applied(lipia, shown_after)}
+
+
+async def poll_latency(lipia: Lipia, sim: str, payments: int) -> dict[str, Any]:
+    """A client polling every 5 ms from the moment the callback is posted: how soon after the
+    callback is applied a plain poll shows it (the status views lipia caches must not lag)."""
+    shown_after: list[tuple[float, str]] = []
+    for _ in range(payments):
+        order, initiated, path = await lipia.held_payment(sim)
+        url = f"/api/payments/status/{initiated['CheckoutRequestID']}"
+        await lipia.deliver(order, initiated, path)
+        # A poller is what is measured here: no event to wait on instead.
+        while (await lipia.http.get(url)).json()["status"] != "completed":  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        shown_after.append((time.time(), initiated["payment_id"]))
+    return {"from_applied": from_applied(lipia, shown_after)}
+
+
 def from_applied(lipia: Lipia, shown_after: list[tuple[float, str]]) -> dict[str, Any]:
     applied = [(shown, lipia.applied_at(payment_id)) for shown, payment_id in shown_after]
     found = [shown - at for shown, at in applied if at is not None]
@@ -285,6 +320,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         report: dict[str, Any] = {
             "database": "postgresql" if args.database_url else "sqlite",
             "sse": await sse_latency(lipia, sim_url, port, args.payments),
+            "long_poll": await long_poll_latency(lipia, sim_url, args.payments),
+            "poll": await poll_latency(lipia, sim_url, args.payments),
         }
         if args.page_payments:
             report["page"] = await page_latency(lipia, sim_url, args.page_payments)

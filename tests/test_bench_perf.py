@@ -72,3 +72,32 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert sqlite["initiate"]["errors"] == 0
     assert sqlite["waiting_customers"]["errors"] == 0
     assert "| status, final payment: ratio to bare app |" in completed.stdout
+
+
+@pytest.mark.slow
+def test_the_live_status_benchmark_runs_end_to_end() -> None:
+    # bench/live_status.py at tiny sizes (the page is left out: the browser tests drive it).
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.live_status",
+            "--payments",
+            "3",
+            "--page-payments",
+            "0",
+            "--streams",
+            "20",
+        ],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout)
+    for transport in ("sse", "long_poll", "poll"):
+        applied = report[transport]["from_applied"]
+        assert (applied["n"], applied["missing_log_lines"]) == (3, 0), report
+    assert report["idle_streams"]["streams"] == 20, report
