@@ -19,6 +19,7 @@ from lipia.daraja import StkQueryResult
 from lipia.db import Database
 from lipia.models import CallbackInbox, CallbackStatus, Order, Payment, PaymentState
 from lipia.payments.initiation import hash_token, new_payment_id
+from lipia.payments.query_budget import QueryBudget
 from lipia.payments.reconciler import Reconciler
 from lipia.payments.settlement import state_for_result_code
 from tests.support.daraja import reconciler_for
@@ -386,3 +387,56 @@ def test_cli_reconcile_once_prints_a_summary(tmp_path: Any, monkeypatch: pytest.
     assert result.exit_code == 0, result.output
     assert "reconcile round: " in result.output
     assert "claimed: 0" in result.output
+
+
+# -- one query budget per process -----------------------------------------------------------------
+
+
+async def test_many_stale_payments_polled_at_once_share_the_process_query_budget(
+    server_factory: ServerFactory,
+) -> None:
+    # Twelve customers who have not answered yet, every payment stale, each polled every 50 ms
+    # by its customer for two seconds: without a shared budget each would claim a query every
+    # 0.2 s (about 120 in all); the process's budget allows 3 a second.
+    settings = {
+        "reconciler_enabled": False,
+        "simulator_callback_delay_seconds": 30,
+        "simulator_prompt_timeout_seconds": 60,
+        "status_query_after_seconds": 0,
+        "status_query_min_interval_seconds": 0.2,
+        "reconciler_max_queries_per_second": 3,
+    }
+    async with server_factory(**settings) as server:
+        ids = [(await start_checkout(server, f"2547110002{index:02d}"))[1] for index in range(12)]
+
+        async def customer(ref: str) -> None:
+            for _ in range(40):
+                response = await server.client.get(f"/api/payments/status/{ref}")
+                assert response.json()["status"] == "pending", response.text
+                await asyncio.sleep(0.05)
+
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(customer(ref) for ref in ids))
+        elapsed = asyncio.get_running_loop().time() - started
+        claimed = sum([(await payment_row(server, ref)).query_count for ref in ids])
+        # Every claim is one query asked of Daraja; a turn every 1/3 s, plus the first at once.
+        assert 1 <= claimed <= 3 * elapsed + 1, (claimed, elapsed)
+
+
+async def test_the_query_budget_gives_turns_at_its_rate_to_waiters_and_to_polls() -> None:
+    now = [100.0]
+    budget = QueryBudget(4, clock=lambda: now[0])
+    assert budget.try_take()
+    assert not budget.try_take()  # the next turn is 0.25 s away
+    now[0] += 0.25
+    assert budget.try_take()
+    # A waiter takes the next turn (0.25 s away) and returns when it comes; a poll meanwhile
+    # finds it taken.
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(budget.wait(stop))
+    await asyncio.sleep(0)
+    assert not budget.try_take()
+    stop.set()  # stopping ends the wait at once
+    await asyncio.wait_for(waiter, 1)
+    now[0] += 0.5
+    assert budget.try_take()

@@ -5,7 +5,8 @@ Each round:
 1. Applies callbacks stored but never applied (a crash between acknowledging and applying),
    and re-applies bare-path orphans whose CheckoutRequestID now belongs to a payment (the
    callback beat the commit of the push response). Both go through the inbox's own apply.
-2. Claims due payments with a database lease and, paced and under a rate budget, asks Daraja
+2. Claims due payments with a database lease and, paced by the process's query budget
+   (``lipia.payments.query_budget``, shared with the status polls), asks Daraja
    (STK Query) about each, through ``PaymentService.query_and_apply``. "Being processed"
    (``500.001.1001``) and ``4999`` are only "ask again later".
 3. Declares ``EXPIRED`` what has no final answer once the prompt window has passed: after one
@@ -90,22 +91,6 @@ class RoundReport:
         return ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in asdict(self).items())
 
 
-class _Pacer:
-    """The global query budget of this process: at most ``rate`` STK Queries per second."""
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate
-        self._next = 0.0
-
-    async def wait(self, stop: asyncio.Event) -> None:
-        now = time.monotonic()
-        delay = self._next - now
-        self._next = max(now, self._next) + self._interval
-        if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -126,7 +111,6 @@ class Reconciler:
         self.inbox = inbox
         self.policy = policy
         self.maintenance = maintenance
-        self._pacer = _Pacer(settings.reconciler_max_queries_per_second)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # When the last round ended, and how many ran (for /health).
@@ -275,7 +259,7 @@ class Reconciler:
         queryable = expiry.queryable(payment)
         answer: str | None = None  # "final", "pending", or None: no query or no answer
         if queryable:
-            await self._pacer.wait(self._stop)
+            await self.payments.query_budget.wait(self._stop)
             lease_left = self.leases.remaining(payment)
             if self._stop.is_set() or lease_left.total_seconds() < self.settings.daraja_timeout_seconds:
                 await self.leases.release(payment_id)  # not enough lease left to query safely

@@ -34,6 +34,7 @@ from lipia.logs import payment_context
 from lipia.models import EventKind, Order, Payment, PaymentState, Source, utcnow
 from lipia.payments import confirmation
 from lipia.payments.initiation import NewPayment, PushLimits, open_payment
+from lipia.payments.query_budget import QueryBudget
 from lipia.payments.settlement import lock_for_settlement, record_event, transition
 from lipia.redact import mask_checkout_id, mask_phone
 from lipia.shop.orders import order_not_found
@@ -83,6 +84,8 @@ class PaymentService:
         self.db = db
         self.client = client
         self.settings = settings
+        # One per process: the reconciler's queries and those the status polls claim share it.
+        self.query_budget = QueryBudget(settings.reconciler_max_queries_per_second)
 
     # -- initiate -------------------------------------------------------------------------
 
@@ -310,6 +313,8 @@ class PaymentService:
             return False
         if payment.next_query_at is not None and payment.next_query_at > now:
             return False
+        if not self.query_budget.try_take():
+            return False  # the process's queries are spoken for this instant: a later poll asks
         next_at = now + timedelta(seconds=self.settings.status_query_min_interval_seconds)
         async with self.db.write() as session:
             result = await session.execute(
@@ -338,6 +343,8 @@ class PaymentService:
     async def _claim_hint_query(self, payment: Payment) -> bool:
         now = utcnow()
         if payment.checkout_request_id is None or payment.state not in _CONFIRMABLE:
+            return False
+        if not self.query_budget.try_take():
             return False
         next_at = now + timedelta(seconds=self.settings.status_query_min_interval_seconds)
         async with self.db.write() as session:
