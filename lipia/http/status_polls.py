@@ -7,7 +7,8 @@ endpoint would send and the headers every lipia response carries, without the fr
 middleware, routing, dependency injection and response validation around it: that work costs
 more than the read itself.
 
-It answers only the ordinary case: a payment it can read, whose shared STK Query is not due, for
+It answers only the ordinary case: a payment it can read, whose shared STK Query is not due (or
+is due, but the process's query budget has no turn free, so the endpoint would claim none), for
 a client that is not being refused, from a page on lipia's own origin or from no page at all
 (no ``Origin`` header). Everything else (an unknown id, a client refused for guessing ids, a query
 to claim, a long-poll, a browser on another origin, whose CORS answer the CORS middleware gives,
@@ -96,8 +97,16 @@ class StatusPolls:
             # The endpoint meets the same trouble and answers it (a 503 for a database away).
             logger.debug("status fast path gave way", exc_info=True)
             return None
-        if view is None or (view.query_due is not None and view.query_due <= utcnow()):
-            return None  # unknown to it, or the shared STK Query is due: the endpoint claims it
+        if view is None:
+            return None  # unknown to it: the endpoint answers the 404
+        if (
+            view.query_due is not None
+            and view.query_due <= utcnow()
+            and services.payments.query_budget.has_turn()
+        ):
+            return None  # the shared STK Query is due and may be asked now: the endpoint claims it
+        # (Due but with no turn free in the process's query budget, the endpoint would claim
+        # nothing either: thousands of stale payments polled at once stay on this path.)
         return view
 
     async def _send(self, send: Send, ref: str, view: StatusView) -> None:

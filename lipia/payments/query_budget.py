@@ -33,6 +33,10 @@ class QueryBudget:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
+    def has_turn(self) -> bool:
+        """Whether a turn is free now (nothing taken)."""
+        return self._next <= self._clock()
+
     def try_take(self) -> bool:
         """Take a turn if one is free now; False (and nothing taken) if not."""
         now = self._clock()
