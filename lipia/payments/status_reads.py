@@ -7,8 +7,9 @@ body is rendered once per change of its row, not once per poll.
 * **PostgreSQL**: a rendered body is served from memory while the change notification is up
   (``lipia.events.notify``: every instance's changes arrive through this process's ``LISTEN``
   connection, which forgets the body of each payment it hears of, and all of them when it
-  reconnects), and for at most ``trust_seconds`` without reading the row again: a bound on what a
-  connection that died unnoticed could hide.
+  reconnects), and for at most ``trust_seconds`` (15 s; 7.5 to 15 s per entry, so a burst of
+  reads is not repeated as one) without reading the row again: a bound on what a connection that
+  died unnoticed could hide (the listener itself finds a dead connection within 20 s).
 * **SQLite**: other processes (``lipia reconcile``, a second ``lipia serve``) write the same file
   and nothing tells this one; SQLite does, though: ``PRAGMA data_version`` changes whenever any
   other connection commits to the file. A body is served from memory while that count is what it
@@ -23,10 +24,11 @@ to the caller's ordinary path, which knows how to answer it.
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -103,6 +105,10 @@ class _Entry:
     read_at: float  # monotonic: when the row was last read
     # SQLite: the file's data_version when it was (None: unknown, read again).
     file_version: int | None = None
+    # PostgreSQL: the share of ``trust_seconds`` this entry is trusted for, drawn per entry so
+    # that views read in one burst (thousands of customers arriving together, a restart) are
+    # read again spread over time, not all in the same second.
+    trust_share: float = field(default_factory=lambda: random.uniform(0.5, 1.0))
 
 
 class StatusReads:
@@ -113,7 +119,7 @@ class StatusReads:
         feed: StatusFeed,
         *,
         feed_is_live: Callable[[], bool],
-        trust_seconds: float = 5.0,
+        trust_seconds: float = 15.0,
         max_entries: int = 50_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -184,7 +190,7 @@ class StatusReads:
             return entry.file_version == self._sqlite.data_version()
         # Every instance's changes reach this one while the notification listens (each forgets
         # its payment's entry); the age bounds what a connection that died unnoticed could hide.
-        return self._feed_is_live() and now - entry.read_at < self.trust_seconds
+        return self._feed_is_live() and now - entry.read_at < self.trust_seconds * entry.trust_share
 
     def payment_of(self, row: Row) -> Payment:
         values: dict[str, Any] = dict(zip(_NAMES, row[:-1], strict=True))
