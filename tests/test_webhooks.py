@@ -380,6 +380,7 @@ def test_live_mode_refuses_private_and_plain_http_endpoints_without_the_opt_in()
         ("https://8.8.8.8/h", None),
         ("https://0x7f.1/h", "host '0x7f.1' is not a public address (a loopback address)"),
         ("https://127.1/h", "(a loopback address)"),
+        ("https://999.1/h", "(a number that is not an IPv4 address)"),
         ("https://[::ffff:10.0.0.5]/h", "is not a public address"),
         ("https://169.254.169.254/latest", "(a link-local address)"),
         ("https://pay.internal./h", "('.internal' names are never public)"),

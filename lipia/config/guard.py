@@ -317,7 +317,7 @@ def _host_problem(host: str, *, bracketed: bool) -> str | None:
     name = host.lower().removesuffix(".")
     if not name:
         return f"LIPIA_PUBLIC_URL has no host: {_SET_PUBLIC_URL}."
-    if _looks_numeric(name):
+    if looks_numeric(name):
         ipv4 = _legacy_ipv4(name)
         if ipv4 is None:
             return f"LIPIA_PUBLIC_URL host {host!r} is not a valid IPv4 address: {_SET_PUBLIC_URL}."
@@ -410,7 +410,9 @@ def _ipv6_reason(address: ipaddress.IPv6Address) -> str | None:
     return None
 
 
-def _looks_numeric(name: str) -> bool:
+def looks_numeric(name: str) -> bool:
+    """Whether every part of ``name`` is a number (decimal, octal or hex): what a client reads as
+    an IPv4 address, or refuses, but never looks up as a name."""
     return all(_NUMERIC_PART.match(part) for part in name.split("."))
 
 
@@ -429,7 +431,7 @@ def host_address(name: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(name)
     except ValueError:
-        return _legacy_ipv4(name) if name and _looks_numeric(name) else None
+        return _legacy_ipv4(name) if name and looks_numeric(name) else None
 
 
 def daraja_is_local(settings: Settings) -> bool:

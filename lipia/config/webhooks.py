@@ -16,7 +16,7 @@ import secrets
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from lipia.config.guard import NON_PUBLIC_SUFFIXES, host_address, non_global_reason
+from lipia.config.guard import NON_PUBLIC_SUFFIXES, host_address, looks_numeric, non_global_reason
 
 if TYPE_CHECKING:
     from lipia.config.settings import Settings
@@ -57,6 +57,8 @@ def host_refusal(host: str) -> str | None:
     address = host_address(name)
     if address is not None:
         return non_global_reason(address)
+    if name and looks_numeric(name):
+        return "a number that is not an IPv4 address"
     if not name:
         return "no host"
     for suffix in NON_PUBLIC_SUFFIXES:
