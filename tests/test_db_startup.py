@@ -91,11 +91,22 @@ async def test_sqlite_in_memory_gets_its_tables_at_start() -> None:
 # -- `lipia serve` and `lipia reconcile` as processes ----------------------------------------------
 
 
+def _ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are picked, or the
+    kernel may hand the same port out twice (two servers of one test then fight over it)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    (port,) = _ports(1)
+    return port
 
 
 def lipia(*args: str, url: str, cwd: Path) -> subprocess.Popen[str]:
@@ -137,7 +148,7 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
 def serve_pairs(urls: list[str], cwd: Path) -> list[str]:
     """Two servers per database, all started at once: every one starts (and migrates, on
     SQLite) and serves, and none says anything like a crash."""
-    ports = [_port() for _ in range(2 * len(urls))]
+    ports = _ports(2 * len(urls))
     processes = [
         lipia("serve", "--port", str(port), url=urls[i // 2], cwd=cwd) for i, port in enumerate(ports)
     ]
@@ -194,7 +205,8 @@ def test_two_servers_starting_together_on_an_empty_postgresql_both_refuse(
 ) -> None:
     urls = [new_pg_database() for _ in range(ROUNDS)]
     processes = [
-        lipia("serve", "--port", str(_port()), url=url, cwd=tmp_path) for url in urls for _ in range(2)
+        lipia("serve", "--port", str(port), url=url, cwd=tmp_path)
+        for (url, port) in zip([url for url in urls for _ in range(2)], _ports(2 * len(urls)), strict=True)
     ]
     for code, stdout, stderr in finish(processes):
         assert code == 2, stderr
