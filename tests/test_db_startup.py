@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from lipia.config import Settings
 from lipia.runtime import open_runtime
 from lipia.schema import BASELINE, SchemaNotReady, SchemaState
 from tests.support.dialects import DIALECTS, database_factory, libpq, load_old_lipia
+from tests.support.server import bound_socket
 
 pytestmark = pytest.mark.anyio
 NewDatabase = Callable[[], str]
@@ -94,10 +94,8 @@ async def test_sqlite_in_memory_gets_its_tables_at_start() -> None:
 def _ports(count: int) -> list[int]:
     """``count`` distinct free ports: each socket stays bound until all are picked, or the
     kernel may hand the same port out twice (two servers of one test then fight over it)."""
-    sockets = [socket.socket() for _ in range(count)]
+    sockets = [bound_socket() for _ in range(count)]
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
