@@ -13,11 +13,12 @@ what the status endpoint says, and never something older than the database.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from lipia.db import Database
 from lipia.models import PaymentState, Source
@@ -144,3 +145,57 @@ async def test_a_change_nobody_announced_shows_within_the_trusted_time(server_fa
             return bool((await poll(server, ref))["status"] == "cancelled")
 
         await until(cancelled, within=reads.trust_seconds + 2.0)
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="PostgreSQL's reads are batched; SQLite reads inline")
+async def test_a_burst_of_first_polls_is_read_in_few_statements(server_factory: ServerFactory) -> None:
+    """Customers arriving together (a restart, thousands opening the checkout at once) must not
+    cost a pooled connection and a round trip each: the reads asked for while one statement runs
+    go together in the next, and every poll still gets its own payment's body."""
+    # Ordinary customers who take an hour to answer: twelve payments pending side by side.
+    async with server_factory(**QUIET, simulator_callback_delay_seconds=3600) as server:
+        reads = server.services.status_reads
+        assert reads is not None
+        refs = []
+        for index in range(12):
+            _, pending = await start_payment(server, f"2547110000{index:02d}")
+            refs += [pending["CheckoutRequestID"], pending["payment_id"]]
+        reads._changed(None)  # forget every view: each ref below is a first read
+        statements: list[str] = []
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if "FROM payments JOIN orders" in statement:
+                statements.append(statement)
+
+        engine = server.services.db.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            views = await asyncio.gather(*(reads.view(ref) for ref in refs * 3))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert 1 <= len(statements) <= 3, len(statements)
+        for ref, view in zip(refs * 3, views, strict=True):
+            assert view is not None
+            endpoint = await server.client.get(f"/api/payments/status/{ref}", params={"wait": 0})
+            assert view.body == endpoint.content
+        assert await reads.view("ws_CO_000000000000000000000") is None
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason="the change notification is PostgreSQL's")
+async def test_a_change_announced_during_a_read_is_not_hidden_by_it(server_factory: ServerFactory) -> None:
+    """A row read before its change and answered after the change was announced would otherwise
+    be kept as current for the whole trusted time."""
+    async with server_factory(**QUIET) as server:
+        reads = server.services.status_reads
+        assert reads is not None
+        _, pending = await start_payment(server, NO_RESPONSE_PHONE)
+        ref = pending["CheckoutRequestID"]
+        reads._changed(None)
+        in_flight = asyncio.create_task(reads.view(ref))
+        await asyncio.sleep(0)  # the read starts, and waits for its statement
+        assert reads._reads_in_flight == 1
+        reads._changed(pending["payment_id"])  # heard while the read is on its way
+        assert (await in_flight) is not None
+        assert not reads.holds_current(pending["payment_id"])
+        assert (await reads.view(ref)) is not None  # read again: trusted from now on
+        assert reads.holds_current(pending["payment_id"])

@@ -23,6 +23,7 @@ to the caller's ordinary path, which knows how to answer it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import sqlite3
@@ -30,11 +31,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select
+from sqlalchemy import String, bindparam, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import KeyedColumnElement
+from sqlalchemy.sql.expression import any_
 
 from lipia.daraja.fields import is_id
 from lipia.db import Database
@@ -71,6 +75,21 @@ _QUERY = (
     .join(Order, Order.id == Payment.order_id)
     .where(or_(Payment.checkout_request_id == bindparam("ref"), Payment.id == bindparam("ref")))
 )
+# PostgreSQL: the rows of every ref in ``refs``, one statement (lipia.payments.status_reads._Batches).
+_BATCH_QUERY = (
+    select(*_COLUMNS)
+    .join(Order, Order.id == Payment.order_id)
+    .where(
+        or_(
+            Payment.checkout_request_id == any_(bindparam("refs", type_=ARRAY(String))),
+            Payment.id == any_(bindparam("refs", type_=ARRAY(String))),
+        )
+    )
+)
+_ID = _NAMES.index("id")
+_CHECKOUT_REQUEST_ID = _NAMES.index("checkout_request_id")
+# Refs read by one statement at most.
+_MAX_BATCH = 500
 Row = tuple[Any, ...]
 
 
@@ -132,11 +151,21 @@ class StatusReads:
         self._entries: dict[str, _Entry] = {}  # payment id -> its last row and view
         self._ids: dict[str, str] = {}  # a ref polled -> its payment id
         self._sqlite = _SqliteRows(db) if db.sqlite_file is not None else None
+        self._batches = _Batches(db) if self._sqlite is None else None
+        # Payments changed while a read was in flight (None: every one may have): a row read
+        # before its change was announced must not be trusted as current after it.
+        self._reads_in_flight = 0
+        self._changed_in_flight: set[str] | None = set()
         feed.add_listener(self._changed)
 
     def holds(self, payment_id: str) -> bool:
         """Whether a view of ``payment_id`` is held (a poll of it has been answered from here)."""
         return payment_id in self._entries
+
+    def holds_current(self, payment_id: str) -> bool:
+        """Whether a poll of ``payment_id`` would be answered from memory, without a read."""
+        entry = self._entries.get(payment_id)
+        return entry is not None and self._still_current(entry, self._clock())
 
     def close(self) -> None:
         if self._sqlite is not None:
@@ -147,6 +176,11 @@ class StatusReads:
             self._entries.clear()
         else:
             self._entries.pop(payment_id, None)
+        if self._reads_in_flight and self._changed_in_flight is not None:
+            if payment_id is None:
+                self._changed_in_flight = None
+            else:
+                self._changed_in_flight.add(payment_id)
 
     async def view(self, ref: str) -> StatusView | None:
         """The status view of the payment ``ref`` names (CheckoutRequestID or payment id), or None
@@ -162,11 +196,23 @@ class StatusReads:
                 return entry.view
         # Before the read: a commit landing between the two makes the entry stale, never current.
         file_version = self._sqlite.data_version() if self._sqlite is not None else None
-        found = await self._read(ref)
+        self._reads_in_flight += 1
+        try:
+            found = await self._read(ref)
+        finally:
+            self._reads_in_flight -= 1
+            changed_meanwhile = self._changed_in_flight
+            if not self._reads_in_flight:
+                self._changed_in_flight = set()
         if found is None:
             return None
         row, convert = found
         payment_id = row[0]
+        if changed_meanwhile is None or payment_id in changed_meanwhile:
+            # Its change was announced while the row was in flight: the row may be from before
+            # it (PostgreSQL; SQLite's data_version, taken first, already says so). Served, but
+            # read again by the next poll.
+            now = float("-inf")
         entry = self._entries.get(payment_id)
         if entry is not None and entry.row == row:
             entry.read_at, entry.file_version = now, file_version
@@ -215,12 +261,80 @@ class StatusReads:
             if self.db.file_problem() is not None:
                 return None
             return self._sqlite.read(ref)
-        async with self.db.engine.connect() as conn:
-            found = (await conn.execute(_QUERY, {"ref": ref})).first()
-        if found is None:
+        assert self._batches is not None
+        row = await self._batches.read(ref)
+        if row is None:
             return None
-        row = tuple(found)
         return row, lambda: row
+
+
+class _Batches:
+    """PostgreSQL: the status rows of every ref asked for while the previous statement ran, read
+    together by one statement on one pooled connection.
+
+    Customers arrive in bursts (a restart, a promotion, thousands opening the checkout in the same
+    seconds), and a read apiece would queue thousands of reads for the pool's few connections,
+    each a round trip. Batched, a burst of 10,000 first reads is a few dozen statements, and
+    polls of the same payment at the same moment share one read."""
+
+    def __init__(self, db: Database, *, max_batch: int = _MAX_BATCH) -> None:
+        self.db = db
+        self._max_batch = max_batch
+        self._wanted: dict[str, list[asyncio.Future[Row | None]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def read(self, ref: str) -> Row | None:
+        """The row ``ref`` names (CheckoutRequestID or payment id), or None if there is none.
+        Raises what the statement raised."""
+        future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
+        self._wanted.setdefault(ref, []).append(future)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_batches())
+        return await future
+
+    async def _read_batches(self) -> None:
+        waiting: dict[str, list[asyncio.Future[Row | None]]] = {}
+        try:
+            while self._wanted:
+                refs = list(islice(self._wanted, self._max_batch))
+                waiting = {ref: self._wanted.pop(ref) for ref in refs}
+                try:
+                    rows = await self._rows(refs)
+                except Exception as exc:
+                    _settle(waiting, exc)
+                    continue
+                found: dict[str, Row] = {}
+                for row in rows:
+                    found[row[_ID]] = row
+                    if row[_CHECKOUT_REQUEST_ID] is not None:
+                        found[row[_CHECKOUT_REQUEST_ID]] = row
+                _settle(waiting, found)
+                waiting = {}
+        finally:
+            self._reader = None
+            # Cancelled (shutting down): nobody is left waiting for a read that will not come.
+            stopped = RuntimeError("status reads stopped")
+            _settle(waiting, stopped)
+            _settle(self._wanted, stopped)
+            self._wanted = {}
+
+    async def _rows(self, refs: list[str]) -> list[Row]:
+        async with self.db.engine.connect() as conn:
+            result = await conn.execute(_BATCH_QUERY, {"refs": refs})
+            return [tuple(row) for row in result]
+
+
+def _settle(
+    waiting: dict[str, list[asyncio.Future[Row | None]]], outcome: dict[str, Row] | BaseException
+) -> None:
+    for ref, futures in waiting.items():
+        for future in futures:
+            if future.done():
+                continue  # its poll went away
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome.get(ref))
 
 
 class _SqliteRows:
