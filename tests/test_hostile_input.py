@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from lipia.app import create_app
 from lipia.maintenance import Maintenance
@@ -158,10 +159,10 @@ async def test_a_row_whose_apply_keeps_failing_is_marked_failed_and_skipped(
     inbox: CallbackInboxService = server.services.inbox
     real = CallbackInboxService._apply_stored
 
-    async def broken_for_the_first(self: CallbackInboxService, inbox_id: int) -> Any:
+    async def broken_for_the_first(self: CallbackInboxService, session: AsyncSession, inbox_id: int) -> Any:
         if inbox_id == first:
             raise RuntimeError("a bug")
-        return await real(self, inbox_id)
+        return await real(self, session, inbox_id)
 
     async with server.services.db.write() as session:
         rows = [

@@ -192,6 +192,19 @@ async def status_changed(session: AsyncSession, payment_id: str) -> None:
         await session.execute(select(func.pg_notify(CHANNEL, payment_id)))
 
 
+@contextmanager
+def forgotten_if_rolled_back(session: AsyncSession) -> Iterator[None]:
+    """Around a savepoint: when it rolls back, what was announced inside it is forgotten with it
+    (PostgreSQL drops its ``pg_notify`` with the savepoint). Otherwise a later change of the same
+    payment in the same transaction would be taken as announced already, and never announced."""
+    before = set(session.info.get(_CHANGED_KEY, ()))
+    try:
+        yield
+    except BaseException:
+        session.info[_CHANGED_KEY] = before
+        raise
+
+
 @event.listens_for(Session, "after_commit")
 def _announce_committed(session: Session) -> None:
     changed: set[str] | None = session.info.pop(_CHANGED_KEY, None)

@@ -128,14 +128,15 @@ async def _receive_callback(
 ) -> Any:
     raw, too_large = await _read_limited(request, MAX_STORED_BODY)
     source_ip = services.client_ip(request)
-    if token is None or not await services.inbox.token_known(token):
+    admission = await services.inbox.admission(raw, token=token, limit=services.limits.callbacks_per_payment)
+    if not admission.token_known:
         # Anyone can post here without knowing a payment's secret: every such body is a row,
         # so each address (and all of them together) gets a budget. Genuine Daraja callbacks
         # come on a known token and are never refused here.
         setting = "LIPIA_UNAUTHENTICATED_CALLBACKS_PER_MINUTE"
         services.spend(services.limits.unauthenticated_callbacks, request, setting + "_PER_IP")
         services.spend(services.limits.unauthenticated_callbacks_total, request, setting)
-    crowded = await services.inbox.over_quota(raw, token=token, limit=services.limits.callbacks_per_payment)
+    crowded = admission.crowded
     if crowded is not None:
         limit_hit("LIPIA_CALLBACKS_PER_PAYMENT")
         logger.warning("limit reached", extra={"limit": "LIPIA_CALLBACKS_PER_PAYMENT", "reason": crowded})
@@ -149,7 +150,12 @@ async def _receive_callback(
     elif not is_json:
         refused = "content type is not application/json"
     stored = await services.inbox.store(
-        raw, token=token, client_ip=source_ip, content_type=content_type, refused=refused
+        raw,
+        token=token,
+        client_ip=source_ip,
+        content_type=content_type,
+        refused=refused,
+        payment_id=admission.payment_id,
     )
     # Whatever happens below, the body is stored for inspection; refused ones are never applied.
     if too_large:
@@ -164,7 +170,7 @@ async def _receive_callback(
     if stored.parsed is None:
         return JSONResponse(error_body("InvalidCallback", stored.error), status_code=400)
     # Acknowledge first, apply after the response is sent (the stored row survives a crash).
-    background.add_task(services.inbox.apply, stored.inbox_id)
+    background.add_task(services.inbox.apply_soon, stored.inbox_id)
     return CallbackAck()
 
 

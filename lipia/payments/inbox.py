@@ -13,6 +13,7 @@ after it: recovery walks every unapplied row in id order.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,11 +23,13 @@ from typing import Any
 from prometheus_client import Histogram
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from lipia.daraja.callbacks import ParsedCallback, parse_callback_bytes
 from lipia.db import Database
 from lipia.errors import InvalidCallback
 from lipia.events import notify
+from lipia.group_commit import GroupCommit
 from lipia.logs import payment_context
 from lipia.models import (
     LIVE_STATES,
@@ -67,6 +70,8 @@ HINT_ACTION = "never applied as it stands: lipia asks M-Pesa (STK Query) and app
 MAX_STORED_BODY = 8 * 1024
 # Attempts to apply one stored row before it is marked FAILED.
 MAX_APPLY_ATTEMPTS = 3
+# Stored rows waiting in memory to be applied at most; past it, the reconciler applies them.
+MAX_APPLY_BACKLOG = 10_000
 _RECOVERY_PAGE = 200
 
 
@@ -81,6 +86,31 @@ def _initial_status(parsed: ParsedCallback | None, refused: str | None) -> Callb
     if parsed is None:
         return CallbackStatus.INVALID
     return CallbackStatus.RECEIVED if refused is None else CallbackStatus.REJECTED
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`CallbackInboxService.admission` found."""
+
+    # The payment whose callback secret the body's token is (None: no token, or nobody's).
+    payment_id: str | None
+    # Why the body would be one too many for its payment, or None.
+    crowded: str | None
+
+    @property
+    def token_known(self) -> bool:
+        return self.payment_id is not None
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What applying a stored callback did, told to its caller once the transaction committed."""
+
+    status: CallbackStatus
+    # The STK Query it calls for: (payment id, True for a bare-path hint), or None.
+    query_for: tuple[str, bool] | None = None
+    # Push to this callback, when it is the one that told lipia the outcome (for the histogram).
+    waited_seconds: float | None = None
 
 
 # Runs the STK Query that confirms held evidence or answers a hint: (payment id, then True when
@@ -101,6 +131,13 @@ class CallbackInboxService:
         self.db = db
         self.policy = policy
         self.query = query
+        # Applies callbacks that arrive together in one transaction (lipia.group_commit).
+        self.group: GroupCommit[int, _Applied] = GroupCommit(
+            db, lambda session, inbox_id: self._apply_stored(session, inbox_id)
+        )
+        # Stores bodies that arrive together in one transaction.
+        self.stores = GroupCommit(db, _insert)
+        self._applying: set[asyncio.Task[CallbackStatus]] = set()
 
     async def store(
         self,
@@ -110,8 +147,10 @@ class CallbackInboxService:
         client_ip: str | None,
         content_type: str | None,
         refused: str | None = None,
+        payment_id: str | None = None,
     ) -> StoredCallback:
-        """Store the body as received. ``refused`` (a reason) stores it without ever applying it."""
+        """Store the body as received. ``refused`` (a reason) stores it without ever applying it.
+        ``payment_id``: the payment its token names, when already known (for the log line)."""
         parsed: ParsedCallback | None = None
         error: str | None = None
         if len(raw) > MAX_STORED_BODY:
@@ -121,23 +160,24 @@ class CallbackInboxService:
                 parsed = parse_callback_bytes(raw)
             except InvalidCallback as exc:
                 error = exc.detail
-        entry = CallbackInbox(
-            path=CallbackPath.TOKEN if token is not None else CallbackPath.BARE,
-            token_hash=hash_token(token) if token is not None else None,
-            client_ip=client_ip,
-            content_type=storable(content_type or "", 120) or None,
-            raw_body=raw[:MAX_STORED_BODY],
-            checkout_request_id=parsed.checkout_request_id if parsed else None,
-            result_code=parsed.result_code if parsed else None,
-            status=_initial_status(parsed, refused),
-            note=(error or refused or "")[:400] or None,
+        row = _NewRow(
+            values={
+                "path": CallbackPath.TOKEN if token is not None else CallbackPath.BARE,
+                "token_hash": hash_token(token) if token is not None else None,
+                "client_ip": client_ip,
+                "content_type": storable(content_type or "", 120) or None,
+                "raw_body": raw[:MAX_STORED_BODY],
+                "checkout_request_id": parsed.checkout_request_id if parsed else None,
+                "result_code": parsed.result_code if parsed else None,
+                "status": _initial_status(parsed, refused),
+                "note": (error or refused or "")[:400] or None,
+            },
+            payment_id=payment_id,
         )
-        async with self.db.write() as session:
-            session.add(entry)
-            await session.flush()
-            inbox_id = entry.id
-            payment_id = await _payment_named(session, entry)
-        bare = entry.path is CallbackPath.BARE
+        # Bodies arriving together are stored in one transaction (lipia.group_commit); this
+        # returns once the row is committed.
+        inbox_id, payment_id = await self.stores.run(row)
+        bare = token is None
         logger.info(
             "M-PESA CALLBACK RECEIVED" + (" on the bare path (a hint only)" if bare else ""),
             extra={
@@ -147,7 +187,7 @@ class CallbackInboxService:
                 "result_code": parsed.result_code if parsed else None,
                 "result_desc": parsed.result_desc if parsed else None,
                 "phone": mask_phone(parsed.phone) if parsed and parsed.phone else None,
-                "path": entry.path.value,
+                "path": row.values["path"].value,
                 "client_ip": client_ip,
                 "valid": parsed is not None,
                 "error": error,
@@ -157,48 +197,80 @@ class CallbackInboxService:
         )
         return StoredCallback(inbox_id, parsed, error)
 
-    async def token_known(self, token: str) -> bool:
-        """True if ``token`` is a payment's callback secret (Daraja's callbacks always carry one)."""
-        async with self.db.read() as session:
-            found = await session.scalar(
-                select(Payment.id).where(Payment.callback_token_hash == hash_token(token))
-            )
-        return found is not None
-
-    async def over_quota(self, raw: bytes, *, token: str | None, limit: int) -> str | None:
-        """Why this body would be one too many for its payment, or None.
+    async def admission(self, raw: bytes, *, token: str | None, limit: int) -> Admission:
+        """What is known of a body before it is stored, in one read: the payment its token is the
+        callback secret of (Daraja's callbacks always carry one), and whether it would be one too
+        many for its payment.
 
         Token-path bodies count per token; bare-path ones per CheckoutRequestID they name. A
         real payment gets one callback, sometimes two, so the cap only ever stops a flood.
         """
+        where: ColumnElement[bool] | None = None
         if token is not None:
-            where = CallbackInbox.token_hash == hash_token(token)
+            token_hash = hash_token(token)
+            where = CallbackInbox.token_hash == token_hash
         else:
             try:
                 checkout_request_id = parse_callback_bytes(raw).checkout_request_id
             except InvalidCallback:
-                return None  # stored as invalid, within the per-address budget
-            where = and_(
-                CallbackInbox.checkout_request_id == checkout_request_id,
-                CallbackInbox.path == CallbackPath.BARE,
-            )
-        async with self.db.read() as session:
-            stored = await session.scalar(
-                select(func.count()).select_from(
-                    select(CallbackInbox.id).where(where).limit(limit).subquery()
+                checkout_request_id = None  # stored as invalid, within the per-address budget
+            if checkout_request_id is not None:
+                where = and_(
+                    CallbackInbox.checkout_request_id == checkout_request_id,
+                    CallbackInbox.path == CallbackPath.BARE,
                 )
+        payment_id: str | None = None
+        stored = 0
+        async with self.db.read() as session:
+            if token is not None:
+                payment_id = await session.scalar(
+                    select(Payment.id).where(Payment.callback_token_hash == token_hash)
+                )
+            if where is not None:
+                stored = int(
+                    await session.scalar(
+                        select(func.count()).select_from(
+                            select(CallbackInbox.id).where(where).limit(limit).subquery()
+                        )
+                    )
+                    or 0
+                )
+        crowded = None
+        if stored >= limit:
+            crowded = f"This payment has already received {limit} callbacks; no more are stored."
+        return Admission(payment_id, crowded)
+
+    async def apply_soon(self, inbox_id: int) -> None:
+        """Apply a stored row in the background, once its request has been answered.
+
+        Not in the request itself (a background task of the response): a connection's next
+        request waits until its last one is done, background included, so under a burst every
+        acknowledgement would wait for an apply. A row not applied here (a crash, a shutdown, a
+        backlog past :data:`MAX_APPLY_BACKLOG`) is applied by the reconciler's inbox recovery."""
+        if len(self._applying) >= MAX_APPLY_BACKLOG:
+            logger.warning(
+                "callback apply backlog full: left to the reconciler",
+                extra={"inbox_id": inbox_id, "backlog": len(self._applying)},
             )
-        if int(stored or 0) >= limit:
-            return f"This payment has already received {limit} callbacks; no more are stored."
-        return None
+            return
+        task = asyncio.create_task(self.apply(inbox_id))
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
 
     async def apply(self, inbox_id: int) -> CallbackStatus:
         """Apply one stored callback, then make the STK Query it calls for (if any). Never raises
-        for a bad row: failures are counted, and the row is marked FAILED after a few."""
+        for a bad row: failures are counted, and the row is marked FAILED after a few.
+
+        Callbacks arriving together are applied together, one transaction for a burst
+        (``lipia.group_commit``): each in a savepoint of its own, and this returns once the
+        transaction holding it has committed."""
         try:
-            status, query_for = await self._apply_stored(inbox_id)
+            applied = await self.group.run(inbox_id)
         except Exception:
             return await self._count_failure(inbox_id)
+        if applied.waited_seconds is not None:
+            CALLBACK_LATENCY.observe(applied.waited_seconds)
+        status, query_for = applied.status, applied.query_for
         if query_for is not None and self.query is not None:
             payment_id, is_hint = query_for
             try:
@@ -261,88 +333,85 @@ class CallbackInboxService:
         )
         return status
 
-    async def _apply_stored(self, inbox_id: int) -> tuple[CallbackStatus, tuple[str, bool] | None]:
+    async def _apply_stored(self, session: AsyncSession, inbox_id: int) -> _Applied:
         # The payment's fields go on every line logged once it is known.
         with contextlib.ExitStack() as context:
-            return await self._apply_in(inbox_id, context)
+            return await self._apply_in(session, inbox_id, context)
 
     async def _apply_in(
-        self, inbox_id: int, context: contextlib.ExitStack
-    ) -> tuple[CallbackStatus, tuple[str, bool] | None]:
-        async with self.db.write() as session:
-            # Locked on PostgreSQL so two instances never apply the same row (SQLite's write
-            # transaction already serialises them).
-            entry = await session.get(CallbackInbox, inbox_id, with_for_update=True)
-            if entry is None or entry.status is not CallbackStatus.RECEIVED:
-                return (entry.status if entry else CallbackStatus.INVALID), None
-            entry.processed_at = utcnow()
-            try:
-                parsed = parse_callback_bytes(entry.raw_body)
-            except InvalidCallback as exc:  # stored before this parser's rules: refuse it now
-                entry.status, entry.note = CallbackStatus.INVALID, exc.detail[:400]
-                return entry.status, None
-            found, problem = await self._match(session, entry, parsed)
-            payment = await lock_for_settlement(session, found.id) if found is not None else None
-            if payment is None:
-                entry.status = CallbackStatus.ORPHAN if problem is None else CallbackStatus.REJECTED
-                entry.note = problem or "no payment with this CheckoutRequestID"
-                logger.warning(
-                    "callback not applied",
-                    extra={
-                        "inbox_id": inbox_id,
-                        "checkout_request_id": mask_checkout_id(parsed.checkout_request_id),
-                        "status": entry.status.value,
-                        "reason": entry.note,
-                    },
-                )
-                return entry.status, None
-            entry.payment_id = payment.id
-            context.enter_context(
-                payment_context(payment.id, payment.checkout_request_id or parsed.checkout_request_id)
+        self, session: AsyncSession, inbox_id: int, context: contextlib.ExitStack
+    ) -> _Applied:
+        # Locked on PostgreSQL so two instances never apply the same row (SQLite's write
+        # transaction already serialises them).
+        entry = await session.get(CallbackInbox, inbox_id, with_for_update=True)
+        if entry is None or entry.status is not CallbackStatus.RECEIVED:
+            return _Applied(entry.status if entry else CallbackStatus.INVALID)
+        entry.processed_at = utcnow()
+        try:
+            parsed = parse_callback_bytes(entry.raw_body)
+        except InvalidCallback as exc:  # stored before this parser's rules: refuse it now
+            entry.status, entry.note = CallbackStatus.INVALID, exc.detail[:400]
+            return _Applied(entry.status)
+        found, problem = await self._match(session, entry, parsed)
+        payment = await lock_for_settlement(session, found.id) if found is not None else None
+        if payment is None:
+            entry.status = CallbackStatus.ORPHAN if problem is None else CallbackStatus.REJECTED
+            entry.note = problem or "no payment with this CheckoutRequestID"
+            logger.warning(
+                "callback not applied",
+                extra={
+                    "inbox_id": inbox_id,
+                    "checkout_request_id": mask_checkout_id(parsed.checkout_request_id),
+                    "status": entry.status.value,
+                    "reason": entry.note,
+                },
             )
-            source = Source.BARE_CALLBACK if entry.path is CallbackPath.BARE else Source.TOKEN_CALLBACK
-            record_event(
-                session,
-                payment,
-                kind=EventKind.CALLBACK,
-                source=source,
-                detail={"inbox_id": inbox_id, "result_code": parsed.result_code},
+            return _Applied(entry.status)
+        entry.payment_id = payment.id
+        context.enter_context(
+            payment_context(payment.id, payment.checkout_request_id or parsed.checkout_request_id)
+        )
+        source = Source.BARE_CALLBACK if entry.path is CallbackPath.BARE else Source.TOKEN_CALLBACK
+        record_event(
+            session,
+            payment,
+            kind=EventKind.CALLBACK,
+            source=source,
+            detail={"inbox_id": inbox_id, "result_code": parsed.result_code},
+        )
+        if entry.path is CallbackPath.BARE:
+            # Anyone can POST to the bare path: it is only a hint that we should ask Daraja.
+            entry.status = CallbackStatus.HINT
+            wanted = payment.state in LIVE_STATES or payment.state is PaymentState.EXPIRED
+            logger.info(
+                "bare-path callback taken as a hint only",
+                extra={
+                    "inbox_id": inbox_id,
+                    "payment_id": payment.id,
+                    "hint_result_code": parsed.result_code,
+                    "action": HINT_ACTION if wanted else "none: the payment is already final",
+                },
             )
-            if entry.path is CallbackPath.BARE:
-                # Anyone can POST to the bare path: it is only a hint that we should ask Daraja.
-                entry.status = CallbackStatus.HINT
-                wanted = payment.state in LIVE_STATES or payment.state is PaymentState.EXPIRED
-                logger.info(
-                    "bare-path callback taken as a hint only",
-                    extra={
-                        "inbox_id": inbox_id,
-                        "payment_id": payment.id,
-                        "hint_result_code": parsed.result_code,
-                        "action": HINT_ACTION if wanted else "none: the payment is already final",
-                    },
-                )
-                return entry.status, ((payment.id, True) if wanted else None)
-            if payment.checkout_request_id is None:
-                # The callback beat the push response; its token proved which payment it is.
-                payment.checkout_request_id = parsed.checkout_request_id
-                await session.flush()
-                # The status JSON's CheckoutRequestID was lipia's payment id until now.
-                await notify.status_changed(session, payment.id)
+            return _Applied(entry.status, (payment.id, True) if wanted else None)
+        if payment.checkout_request_id is None:
+            # The callback beat the push response; its token proved which payment it is.
+            payment.checkout_request_id = parsed.checkout_request_id
+            await session.flush()
+            # The status JSON's CheckoutRequestID was lipia's payment id until now.
+            await notify.status_changed(session, payment.id)
 
-            evidence = evidence_from_callback(parsed, source=Source.CALLBACK)
-            reason = confirmation.reason_to_hold(self.policy, payment, evidence)
-            if reason is not None:
-                first = confirmation.hold(session, payment, entry, reason)
-                if first:
-                    _observe_latency(entry, payment)
-                return entry.status, ((payment.id, False) if first else None)
-            before = (payment.state, payment.mpesa_receipt_number)
-            await apply_evidence(session, payment, evidence)
-            changed = (payment.state, payment.mpesa_receipt_number) != before
-            entry.status = CallbackStatus.APPLIED if changed else CallbackStatus.DUPLICATE
-            if changed:
-                _observe_latency(entry, payment)
-            return entry.status, None
+        evidence = evidence_from_callback(parsed, source=Source.CALLBACK)
+        reason = confirmation.reason_to_hold(self.policy, payment, evidence)
+        if reason is not None:
+            first = confirmation.hold(session, payment, entry, reason)
+            if not first:
+                return _Applied(entry.status)
+            return _Applied(entry.status, (payment.id, False), _waited(entry, payment))
+        before = (payment.state, payment.mpesa_receipt_number)
+        await apply_evidence(session, payment, evidence)
+        changed = (payment.state, payment.mpesa_receipt_number) != before
+        entry.status = CallbackStatus.APPLIED if changed else CallbackStatus.DUPLICATE
+        return _Applied(entry.status, waited_seconds=_waited(entry, payment) if changed else None)
 
     async def _match(
         self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback
@@ -390,11 +459,26 @@ class CallbackInboxService:
         return applied
 
 
-def _observe_latency(entry: CallbackInbox, payment: Payment) -> None:
+def _waited(entry: CallbackInbox, payment: Payment) -> float | None:
     """Push to callback, for the callback that told lipia something (not a copy of it)."""
-    if payment.pushed_at is not None:
-        waited = (entry.received_at or utcnow()) - payment.pushed_at
-        CALLBACK_LATENCY.observe(max(0.0, waited.total_seconds()))
+    if payment.pushed_at is None:
+        return None
+    return max(0.0, ((entry.received_at or utcnow()) - payment.pushed_at).total_seconds())
+
+
+@dataclass(frozen=True)
+class _NewRow:
+    """An inbox row to insert (its values, so that a retry builds it afresh)."""
+
+    values: dict[str, Any]
+    payment_id: str | None  # the payment its token names, when already known
+
+
+async def _insert(session: AsyncSession, row: _NewRow) -> tuple[int, str | None]:
+    entry = CallbackInbox(**row.values)
+    session.add(entry)
+    await session.flush()
+    return entry.id, row.payment_id or await _payment_named(session, entry)
 
 
 async def _payment_named(session: AsyncSession, entry: CallbackInbox) -> str | None:

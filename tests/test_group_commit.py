@@ -1,0 +1,120 @@
+"""Group commit (lipia.group_commit): work asked for together is written in one transaction, and
+one item's failure is never another's.
+
+* Items that succeed commit together; an item that raises is rolled back to its savepoint, its
+  caller alone hears the error, and nothing it wrote stays.
+* A transaction that fails as a whole (here: a deferred foreign key, checked only at COMMIT, on
+  SQLite and PostgreSQL alike) writes nothing; each item is then done alone, so the good ones
+  still commit and only the bad one fails.
+* A burst of Daraja callbacks posted at once is applied in fewer transactions than callbacks, and
+  every one of them is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from lipia.db import Database
+from lipia.group_commit import GroupCommit
+from lipia.models import CallbackStatus, PaymentState
+from tests.support.daraja import callback_body
+from tests.support.payments import start_checkout
+from tests.support.rows import inbox_rows, payment_row
+from tests.support.server import RunningServer, ServerFactory
+from tests.support.simulator import arm, push_for
+from tests.support.waiting import settle_inbox
+
+pytestmark = pytest.mark.anyio
+
+
+class Refused(Exception):
+    pass
+
+
+async def probe_table(db: Database) -> None:
+    async with db.write() as session:
+        await session.execute(text("CREATE TABLE probe_parent (id INTEGER PRIMARY KEY)"))
+        await session.execute(
+            text(
+                "CREATE TABLE probe (k INTEGER PRIMARY KEY, parent INTEGER REFERENCES probe_parent (id) "
+                "DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+
+
+async def probe_keys(db: Database) -> list[int]:
+    async with db.read() as session:
+        return sorted((await session.scalars(text("SELECT k FROM probe"))).all())
+
+
+async def test_a_failing_item_is_rolled_back_alone(server: RunningServer) -> None:
+    db = server.services.db
+    await probe_table(db)
+
+    async def work(session: AsyncSession, key: int) -> int:
+        await session.execute(text("INSERT INTO probe (k) VALUES (:k)"), {"k": key})
+        if key == 3:
+            raise Refused("item 3 refuses after writing")
+        return key * 10
+
+    group: GroupCommit[int, int] = GroupCommit(db, work)
+    outcomes = await asyncio.gather(*(group.run(key) for key in range(10)), return_exceptions=True)
+
+    assert [o for o in outcomes if not isinstance(o, BaseException)] == [k * 10 for k in range(10) if k != 3]
+    assert isinstance(outcomes[3], Refused)
+    assert await probe_keys(db) == [k for k in range(10) if k != 3]
+    assert group.items == 10
+    assert group.transactions < 10  # together, not one each
+
+
+async def test_a_transaction_that_fails_whole_is_done_again_item_by_item(server: RunningServer) -> None:
+    db = server.services.db
+    await probe_table(db)
+
+    async def work(session: AsyncSession, key: int) -> int:
+        # Item 5 names a parent that does not exist: fine inside its savepoint, refused at COMMIT.
+        parent = 999 if key == 5 else None
+        await session.execute(text("INSERT INTO probe (k, parent) VALUES (:k, :p)"), {"k": key, "p": parent})
+        return key
+
+    group: GroupCommit[int, int] = GroupCommit(db, work)
+    outcomes = await asyncio.gather(*(group.run(key) for key in range(8)), return_exceptions=True)
+
+    assert isinstance(outcomes[5], IntegrityError)
+    assert [o for o in outcomes if not isinstance(o, BaseException)] == [k for k in range(8) if k != 5]
+    assert await probe_keys(db) == [k for k in range(8) if k != 5]
+    # The good ones were committed one by one after the shared transaction failed.
+    assert group.transactions == 7
+
+
+async def test_a_burst_of_callbacks_is_applied_together_and_every_one_counts(
+    server_factory: ServerFactory,
+) -> None:
+    quiet = {"status_query_after_seconds": 3600, "simulator_prompt_timeout_seconds": 3600}
+    async with server_factory(**quiet) as server:
+        # Daraja's own callbacks are lost; the test posts each payment's callback itself, all at once.
+        await arm(server, {"callback": {"mode": "drop"}})
+        checkouts = [(await start_checkout(server, f"2547110000{i:02d}"))[1] for i in range(16)]
+        paths = [server.callback_path((await push_for(server, ref))["callback_url"]) for ref in checkouts]
+        applies = server.services.inbox.group
+        before = (applies.transactions, applies.items)
+
+        answers = await asyncio.gather(
+            *(
+                server.client.post(path, json=callback_body(ref, 1032))
+                for path, ref in zip(paths, checkouts, strict=True)
+            )
+        )
+        assert [a.status_code for a in answers] == [200] * len(checkouts)
+        await settle_inbox(server)
+
+        for ref in checkouts:
+            assert (await payment_row(server, ref)).state is PaymentState.CANCELLED
+            assert [row.status for row in await inbox_rows(server, ref)] == [CallbackStatus.APPLIED]
+        assert applies.items - before[1] == len(checkouts)
+        assert applies.transactions - before[0] < len(checkouts)
