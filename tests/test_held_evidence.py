@@ -229,7 +229,7 @@ async def test_success_without_amount_or_phone_is_confirmed_before_it_counts(
         assert (
             await server.client.post(server.callback_path(push["callback_url"]), json=body)
         ).status_code == 200
-        await until(lambda: _holds(server, initiated["payment_id"]))
+        await until(lambda: _held_and_asked(server, initiated["payment_id"]))
         assert (await payment_row(server, cid)).state is PaymentState.PENDING
 
         await server.sim.post(f"/simulator/pushes/{cid}/act")
@@ -255,7 +255,7 @@ async def test_success_without_amount_that_daraja_denies_goes_to_review(
         assert (
             await server.client.post(server.callback_path(push["callback_url"]), json=body)
         ).status_code == 200
-        await until(lambda: _holds(server, initiated["payment_id"]))
+        await until(lambda: _held_and_asked(server, initiated["payment_id"]))
 
         await server.sim.post(f"/simulator/pushes/{cid}/act", json={"result_code": 1032})
         await server.services.payments.query_and_apply(initiated["payment_id"])
@@ -298,3 +298,11 @@ async def _final(server: RunningServer, ref: str) -> bool:
 
 async def _holds(server: RunningServer, payment_id: str) -> bool:
     return bool(await held_rows(server, payment_id))
+
+
+async def _held_and_asked(server: RunningServer, payment_id: str) -> bool:
+    """Held, and the STK Query the hold calls for has had its answer (it runs after the hold
+    commits, in the background)."""
+    return await _holds(server, payment_id) and any(
+        e.kind == "query" for e in await events(server, payment_id)
+    )
