@@ -14,12 +14,14 @@ running in the next one, each item in a savepoint of its own:
 * a caller hears its result only once the transaction holding its work has committed, exactly as
   with a transaction of its own.
 
-One item alone (no burst) runs in a transaction of its own, without a savepoint.
+One item alone (no burst) runs in a transaction of its own, without a savepoint. On SQLite one
+such transaction runs at a time (the file has one writer anyway); on PostgreSQL, a few at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -28,12 +30,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from lipia.db import Database
 from lipia.events import notify
 
+logger = logging.getLogger("lipia.db")
+
 Key = TypeVar("Key")
 Result = TypeVar("Result")
 
 # Items in one transaction at most: on SQLite the file's write lock is held for all of them, so
 # a bound keeps other writers' wait short.
 DEFAULT_MAX_BATCH = 32
+# PostgreSQL: shared transactions running at once, at most.
+POSTGRES_TRANSACTIONS_AT_ONCE = 4
 
 
 class GroupCommit(Generic[Key, Result]):
@@ -50,8 +56,12 @@ class GroupCommit(Generic[Key, Result]):
         self.db = db
         self._work = work
         self._max_batch = max_batch
+        # SQLite has one writer at a time: one transaction after another. PostgreSQL takes
+        # writers side by side, and a transaction spends most of its time waiting for answers:
+        # a few at once keep it busy.
+        self._max_runners = 1 if db.sqlite_file is not None else POSTGRES_TRANSACTIONS_AT_ONCE
         self._waiting: list[tuple[Key, asyncio.Future[Result]]] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._runners: set[asyncio.Task[None]] = set()
         # Transactions committed and items they held, for the tests and the benchmark's report.
         self.transactions = 0
         self.items = 0
@@ -59,8 +69,8 @@ class GroupCommit(Generic[Key, Result]):
     async def run(self, key: Key) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((key, future))
-        if self._runner is None:
-            self._runner = asyncio.create_task(self._run_batches())
+        if len(self._runners) < self._max_runners:
+            self._runners.add(asyncio.create_task(self._run_batches()))
         return await future
 
     async def _run_batches(self) -> None:
@@ -74,8 +84,13 @@ class GroupCommit(Generic[Key, Result]):
                     continue
                 try:
                     outcomes = await self._together(batch)
-                except Exception:
+                except Exception as exc:
                     # Nothing of the transaction was written: each item again, on its own.
+                    logger.warning(
+                        "shared transaction failed: its items are done again one by one",
+                        extra={"items": len(batch), "error": type(exc).__name__},
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
                     for key, future in batch:
                         await self._alone(key, future)
                     continue
@@ -83,11 +98,16 @@ class GroupCommit(Generic[Key, Result]):
                     _settle(future, outcome)
             batch = []
         finally:
-            self._runner = None
+            task = asyncio.current_task()
+            if task is not None:
+                self._runners.discard(task)
             # Stopped (shutting down): the callers stop too; their work was not committed.
-            for _key, future in [*batch, *self._waiting]:
+            for _key, future in batch:
                 future.cancel()
-            self._waiting = []
+            if not self._runners:
+                for _key, future in self._waiting:
+                    future.cancel()
+                self._waiting = []
 
     async def _alone(self, key: Key, future: asyncio.Future[Result]) -> None:
         try:
