@@ -7,7 +7,7 @@ one item's failure is never another's.
   SQLite and PostgreSQL alike) writes nothing; each item is then done alone, so the good ones
   still commit and only the bad one fails.
 * A burst of Daraja callbacks posted at once is applied in fewer transactions than callbacks, and
-  every one of them is applied.
+  every one of them is applied; past the in-memory backlog, the reconciler applies them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from lipia.db import Database
 from lipia.group_commit import GroupCommit
 from lipia.models import CallbackStatus, PaymentState
+from lipia.payments import inbox as inbox_module
+from lipia.runtime import build_workers
 from tests.support.daraja import callback_body
 from tests.support.payments import start_checkout
 from tests.support.rows import inbox_rows, payment_row
@@ -101,7 +103,7 @@ async def test_a_burst_of_callbacks_is_applied_together_and_every_one_counts(
         await arm(server, {"callback": {"mode": "drop"}})
         checkouts = [(await start_checkout(server, f"2547110000{i:02d}"))[1] for i in range(16)]
         paths = [server.callback_path((await push_for(server, ref))["callback_url"]) for ref in checkouts]
-        applies = server.services.inbox.group
+        applies = server.services.inbox.applies
         before = (applies.transactions, applies.items)
 
         answers = await asyncio.gather(
@@ -118,3 +120,31 @@ async def test_a_burst_of_callbacks_is_applied_together_and_every_one_counts(
             assert [row.status for row in await inbox_rows(server, ref)] == [CallbackStatus.APPLIED]
         assert applies.items - before[1] == len(checkouts)
         assert applies.transactions - before[0] < len(checkouts)
+
+
+async def test_callbacks_past_the_apply_backlog_are_applied_by_the_reconciler(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the backlog bound, a stored callback waits in the database, not in memory: it is
+    acknowledged, left RECEIVED, and the reconciler's inbox recovery applies it."""
+    quiet = {
+        "status_query_after_seconds": 3600,
+        "simulator_prompt_timeout_seconds": 3600,
+        "reconciler_enabled": False,
+        "reconciler_inbox_grace_seconds": 0,
+    }
+    async with server_factory(**quiet) as server:
+        await arm(server, {"callback": {"mode": "drop"}})
+        _, ref = await start_checkout(server, "254711000100")
+        path = server.callback_path((await push_for(server, ref))["callback_url"])
+        monkeypatch.setattr(inbox_module, "MAX_APPLY_BACKLOG", 0)
+
+        assert (await server.client.post(path, json=callback_body(ref, 1032))).status_code == 200
+        await asyncio.sleep(0.3)
+        assert [row.status for row in await inbox_rows(server, ref)] == [CallbackStatus.RECEIVED]
+        assert (await payment_row(server, ref)).state is PaymentState.PENDING
+
+        workers = build_workers(server.services.db, server.services.payments.client, server.settings)
+        await workers.reconciler.run_once()
+        assert [row.status for row in await inbox_rows(server, ref)] == [CallbackStatus.APPLIED]
+        assert (await payment_row(server, ref)).state is PaymentState.CANCELLED

@@ -132,7 +132,7 @@ class CallbackInboxService:
         self.policy = policy
         self.query = query
         # Applies callbacks that arrive together in one transaction (lipia.group_commit).
-        self.group: GroupCommit[int, _Applied] = GroupCommit(
+        self.applies: GroupCommit[int, _Applied] = GroupCommit(
             db, lambda session, inbox_id: self._apply_stored(session, inbox_id)
         )
         # Stores bodies that arrive together in one transaction.
@@ -265,7 +265,7 @@ class CallbackInboxService:
         (``lipia.group_commit``): each in a savepoint of its own, and this returns once the
         transaction holding it has committed."""
         try:
-            applied = await self.group.run(inbox_id)
+            applied = await self.applies.run(inbox_id)
         except Exception:
             return await self._count_failure(inbox_id)
         if applied.waited_seconds is not None:
