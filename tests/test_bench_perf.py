@@ -71,6 +71,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert sqlite["callback_ingest"]["errors"] == 0
     assert sqlite["initiate"]["errors"] == 0
     assert sqlite["waiting_customers"]["errors"] == 0
+    assert sqlite["waiting_customers_bare"]["requests"] > 0
     assert "| status, final payment: ratio to bare app |" in completed.stdout
 
 

@@ -89,6 +89,13 @@ async def measure(kind: str, sizes: Sizes, postgres_url: str) -> dict[str, Any]:
                 )
                 ids += more_ids["ids"]
             results["rss_mb_pending"] = {"pending": len(ids), "rss_mb": round(server.rss_mb(), 1)}
+            # The same customers against the bare app first: what this machine and this load
+            # client manage with no work at all behind each answer.
+            async with baseline(workdir, final_body) as bare:
+                results["waiting_customers_bare"] = await scenarios.waiting_customers(
+                    bare, ids[: sizes.waiting], interval=3.0, seconds=sizes.waiting_seconds
+                )
+            progress(f"{kind} waiting_customers, bare app: {results['waiting_customers_bare']}")
             results["waiting_customers"] = await scenarios.waiting_customers(
                 server, ids[: sizes.waiting], interval=3.0, seconds=sizes.waiting_seconds
             )
@@ -124,13 +131,14 @@ def report(results: list[dict[str, Any]]) -> str:
         "RSS with pending payments",
         lambda r: f"{r['rss_mb_pending']['rss_mb']} MB at {r['rss_mb_pending']['pending']}",
     )
-    row(
-        "customers polling every 3 s",
-        lambda r: (
-            f"{r['waiting_customers']['customers']}: {r['waiting_customers']['errors']} errors, "
-            f"p99 {r['waiting_customers']['p99_ms']} ms"
-        ),
-    )
+    for key, label in (("waiting_customers", "lipia"), ("waiting_customers_bare", "bare app")):
+        row(
+            f"customers polling every 3 s: {label}",
+            lambda r, key=key: (
+                f"{r[key]['customers']}: {r[key]['errors']} errors, "
+                f"p50 {r[key]['p50_ms']} ms, p99 {r[key]['p99_ms']} ms"
+            ),
+        )
     return "\n".join(lines)
 
 
