@@ -38,8 +38,8 @@ Result = TypeVar("Result")
 # Items in one transaction at most: on SQLite the file's write lock is held for all of them, so
 # a bound keeps other writers' wait short.
 DEFAULT_MAX_BATCH = 32
-# PostgreSQL: shared transactions running at once, at most.
-POSTGRES_TRANSACTIONS_AT_ONCE = 4
+# PostgreSQL: transactions running at once, at most.
+POSTGRES_TRANSACTIONS_AT_ONCE = 8
 
 
 class GroupCommit(Generic[Key, Result]):
@@ -52,14 +52,20 @@ class GroupCommit(Generic[Key, Result]):
         work: Callable[[AsyncSession, Key], Awaitable[Result]],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        postgres_max_batch: int | None = None,
     ) -> None:
+        """``postgres_max_batch``: a smaller bound on PostgreSQL (1: no shared transactions), for
+        work that locks existing rows. Two shared transactions (of two instances, or two at once
+        in one) that lock the same rows in different orders deadlock there; SQLite's single
+        writer never does."""
         self.db = db
         self._work = work
-        self._max_batch = max_batch
+        on_sqlite = db.sqlite_file is not None
+        self._max_batch = max_batch if on_sqlite or postgres_max_batch is None else postgres_max_batch
         # SQLite has one writer at a time: one transaction after another. PostgreSQL takes
         # writers side by side, and a transaction spends most of its time waiting for answers:
         # a few at once keep it busy.
-        self._max_runners = 1 if db.sqlite_file is not None else POSTGRES_TRANSACTIONS_AT_ONCE
+        self._max_runners = 1 if on_sqlite else POSTGRES_TRANSACTIONS_AT_ONCE
         self._waiting: list[tuple[Key, asyncio.Future[Result]]] = []
         self._runners: set[asyncio.Task[None]] = set()
         # Transactions committed and items they held, for the tests and the benchmark's report.
@@ -72,6 +78,13 @@ class GroupCommit(Generic[Key, Result]):
         if len(self._runners) < self._max_runners:
             self._runners.add(asyncio.create_task(self._run_batches()))
         return await future
+
+    async def aclose(self) -> None:
+        """Stop: work not yet committed is dropped, and its callers are cancelled."""
+        runners = list(self._runners)
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
 
     async def _run_batches(self) -> None:
         batch: list[tuple[Key, asyncio.Future[Result]]] = []

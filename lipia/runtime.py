@@ -108,6 +108,7 @@ async def open_runtime(
     http: httpx.AsyncClient | None = None
     runner = BackgroundRunner()
     reconciler: Reconciler | None = None
+    inbox: CallbackInboxService | None = None
     # Its own client: no redirects, no proxies, its own timeout (lipia.events.delivery).
     webhook_http = build_webhook_client(settings.webhook_timeout_seconds)
     webhooks: WebhookWorker | None = None
@@ -125,6 +126,7 @@ async def open_runtime(
         )
         client = DarajaClient.from_settings(http, settings)
         workers = build_workers(db, client, settings)
+        inbox = workers.inbox
         reconciler = workers.reconciler
         webhooks = WebhookWorker(db, settings, webhook_http, feed=status_feed)
         # Bodies kept in memory are trusted only while every instance's changes reach this one.
@@ -164,6 +166,8 @@ async def open_runtime(
         if webhooks is not None:
             await webhooks.aclose()
         await webhook_http.aclose()
+        if inbox is not None:
+            await inbox.aclose()
         if listener is not None:
             await listener.aclose()
         if status_reads is not None:

@@ -132,8 +132,11 @@ class CallbackInboxService:
         self.policy = policy
         self.query = query
         # Applies callbacks that arrive together in one transaction (lipia.group_commit).
+        # On PostgreSQL one callback per transaction: an apply locks its order and payment, and
+        # shared transactions of two instances locking the same payments (a callback and its
+        # duplicate, one at each) in different orders would deadlock.
         self.applies: GroupCommit[int, _Applied] = GroupCommit(
-            db, lambda session, inbox_id: self._apply_stored(session, inbox_id)
+            db, lambda session, inbox_id: self._apply_stored(session, inbox_id), postgres_max_batch=1
         )
         # Stores bodies that arrive together in one transaction.
         self.stores = GroupCommit(db, _insert)
@@ -253,9 +256,29 @@ class CallbackInboxService:
                 extra={"inbox_id": inbox_id, "backlog": len(self._applying)},
             )
             return
-        task = asyncio.create_task(self.apply(inbox_id))
+        task = asyncio.create_task(self._apply_in_background(inbox_id))
         self._applying.add(task)
         task.add_done_callback(self._applying.discard)
+
+    async def _apply_in_background(self, inbox_id: int) -> CallbackStatus:
+        try:
+            return await self.apply(inbox_id)
+        except Exception:
+            # Even counting the failure failed (the database away): the row stays received, and
+            # the reconciler's inbox recovery applies it later.
+            logger.exception("callback apply failed; left to the reconciler", extra={"inbox_id": inbox_id})
+            return CallbackStatus.RECEIVED
+
+    async def aclose(self, *, grace_seconds: float = 5.0) -> None:
+        """Shutting down: applies under way get ``grace_seconds`` to finish; the rest are stopped
+        and their rows stay received, for the inbox recovery at the next start."""
+        if self._applying:
+            await asyncio.wait(set(self._applying), timeout=grace_seconds)
+        for task in set(self._applying):
+            task.cancel()
+        await asyncio.gather(*self._applying, return_exceptions=True)
+        await self.applies.aclose()
+        await self.stores.aclose()
 
     async def apply(self, inbox_id: int) -> CallbackStatus:
         """Apply one stored callback, then make the STK Query it calls for (if any). Never raises
