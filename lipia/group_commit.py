@@ -1,8 +1,8 @@
 """Group commit: write work asked for at the same moment, done in one transaction.
 
-A burst of callbacks is a burst of small write transactions, and most of each one's cost is the
-transaction itself (a pooled connection, ``BEGIN IMMEDIATE``, the session around it, the commit),
-not its few statements; on SQLite, where one writer holds the file at a time, the others only
+A burst of callbacks is a burst of small write transactions, and part of each one's cost is the
+transaction itself (a pooled connection, ``BEGIN IMMEDIATE``, the session around it, the commit)
+rather than its statements; on SQLite, where one writer holds the file at a time, the others only
 queue for it. :class:`GroupCommit` runs every item asked for while the previous transaction was
 running in the next one, each item in a savepoint of its own:
 
