@@ -163,7 +163,10 @@ async def test_each_failure_says_what_happened_and_retry_pays(
     title: str,
     sentence: str,
 ) -> None:
-    async with chromium() as browser, server_factory() as server:
+    # Settled by their callbacks only: a poll's STK Query landing between the simulator's
+    # callback and its apply would settle the retry without the receipt this test checks (that
+    # case is the status tests').
+    async with chromium() as browser, server_factory(status_query_after_seconds=5.0) as server:
         async with checkout_page(browser, server) as page:
             await add(page, "chapati-beans")
             await pay(page, phone)
