@@ -480,7 +480,9 @@ async def test_contradicting_query_then_late_success_goes_to_review(server_facto
     }
     async with server_factory(**overrides) as server:
         await arm(
-            server, {"callback": {"mode": "delay", "delay_seconds": 1.0}, "query": {"contradict": True}}
+            # Late enough that the lying query's answer is seen first even on a loaded machine.
+            server,
+            {"callback": {"mode": "delay", "delay_seconds": 3.0}, "query": {"contradict": True}},
         )
         order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
@@ -559,10 +561,11 @@ async def test_delayed_success_after_inferred_expiry_wins_and_is_flagged(
     async with server_factory(**overrides) as server:
         # The callback comes late; the query keeps saying "being processed" past the window (and,
         # with confirmation on, answers truthfully a while after the callback).
-        lag = 2.5 if confirm else 30.0
+        # The callback late enough that the expiry comes first even on a loaded machine.
+        lag = 4.0 if confirm else 30.0
         await arm(
             server,
-            {"callback": {"mode": "delay", "delay_seconds": 1.6}, "query": {"lag_seconds": lag}},
+            {"callback": {"mode": "delay", "delay_seconds": 3.0}, "query": {"lag_seconds": lag}},
         )
         order, initiated = await start_payment(server)
         cid = initiated["CheckoutRequestID"]
