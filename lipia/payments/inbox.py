@@ -284,9 +284,10 @@ class CallbackInboxService:
         """Apply one stored callback, then make the STK Query it calls for (if any). Never raises
         for a bad row: failures are counted, and the row is marked FAILED after a few.
 
-        Callbacks arriving together are applied together, one transaction for a burst
-        (``lipia.group_commit``): each in a savepoint of its own, and this returns once the
-        transaction holding it has committed."""
+        On SQLite, callbacks arriving together are applied together, one transaction for a
+        burst (``lipia.group_commit``), each in a savepoint of its own; on PostgreSQL each in a
+        transaction of its own. Either way this returns once the transaction holding it has
+        committed."""
         try:
             applied = await self.applies.run(inbox_id)
         except Exception:

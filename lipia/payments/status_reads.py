@@ -70,22 +70,12 @@ _COLUMNS: tuple[KeyedColumnElement[Any], ...] = (
     *(Payment.__table__.c[name] for name in _NAMES),
     Order.__table__.c["origin"],
 )
-_QUERY = (
-    select(*_COLUMNS)
-    .join(Order, Order.id == Payment.order_id)
-    .where(or_(Payment.checkout_request_id == bindparam("ref"), Payment.id == bindparam("ref")))
-)
+_SELECT = select(*_COLUMNS).join(Order, Order.id == Payment.order_id)
+# The row a ref names (CheckoutRequestID or payment id).
+_QUERY = _SELECT.where(or_(Payment.checkout_request_id == bindparam("ref"), Payment.id == bindparam("ref")))
 # PostgreSQL: the rows of every ref in ``refs``, one statement (lipia.payments.status_reads._Batches).
-_BATCH_QUERY = (
-    select(*_COLUMNS)
-    .join(Order, Order.id == Payment.order_id)
-    .where(
-        or_(
-            Payment.checkout_request_id == any_(bindparam("refs", type_=ARRAY(String))),
-            Payment.id == any_(bindparam("refs", type_=ARRAY(String))),
-        )
-    )
-)
+_REFS = bindparam("refs", type_=ARRAY(String))
+_BATCH_QUERY = _SELECT.where(or_(Payment.checkout_request_id == any_(_REFS), Payment.id == any_(_REFS)))
 _ID = _NAMES.index("id")
 _CHECKOUT_REQUEST_ID = _NAMES.index("checkout_request_id")
 # Refs read by one statement at most.
