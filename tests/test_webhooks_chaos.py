@@ -80,15 +80,21 @@ class Run:
     answers: Counter[int] = field(default_factory=Counter)
 
     async def call(self, index: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(200):
+        # A killed instance is away until it has started again, which on a loaded machine takes
+        # a while: a deadline, not a count of tries.
+        deadline = time.monotonic() + 120.0
+        attempt = 0
+        while time.monotonic() < deadline:
             api = self.apis[(index + attempt) % len(self.apis)]
+            attempt += 1
             with contextlib.suppress(httpx.TransportError):
                 response = await api.request(method, path, **kwargs)
+                # Every answer is counted, so the checks see a 500 even when a retry succeeded.
+                self.answers[response.status_code] += 1
                 if response.status_code < 500:
-                    self.answers[response.status_code] += 1
                     return response
             await asyncio.sleep(0.1)
-        raise AssertionError(f"{method} {path}: no answer")
+        raise AssertionError(f"{method} {path}: no answer in 120 s")
 
     async def checkout(self, index: int, phone: str) -> None:
         order = (
@@ -266,7 +272,8 @@ def check_delivered_once_at_least(evidence: dict[str, Any]) -> None:
     for event_id, copies in by_id.items():
         assert len(copies) <= started[event_id], (event_id, len(copies), started[event_id])
     assert "Traceback" not in evidence["logs"], evidence["logs"][-3000:]
-    assert not [status for status in evidence["answers"] if status >= 500]
+    # A 503 is an answer (M-Pesa away, the database not ready: retried); a 500 is a bug.
+    assert evidence["answers"][500] == 0, evidence["answers"]
 
 
 def latency_figures(evidence: dict[str, Any]) -> dict[str, float]:
