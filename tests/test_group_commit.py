@@ -17,13 +17,14 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lipia.db import Database
+from lipia.events import outbox
 from lipia.group_commit import GroupCommit
-from lipia.models import CallbackStatus, PaymentState
+from lipia.models import CallbackStatus, EventKind, PaymentEvent, PaymentState
 from lipia.payments import inbox as inbox_module
 from lipia.runtime import build_workers
 from tests.support.daraja import callback_body
@@ -161,3 +162,57 @@ async def test_callbacks_past_the_apply_backlog_are_applied_by_the_reconciler(
         await workers.reconciler.run_once()
         assert [row.status for row in await inbox_rows(server, ref)] == [CallbackStatus.APPLIED]
         assert (await payment_row(server, ref)).state is PaymentState.CANCELLED
+
+
+async def test_a_callback_after_one_rolled_back_sees_the_payment_as_committed(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one callback applied in one shared transaction (SQLite), the first rolled
+    back to its savepoint after it had changed the payment: the second must read the payment as
+    the database has it again (pending), not as the first left it in memory (cancelled), or it
+    would take itself for a duplicate and the payment would stay pending with its answer lost."""
+    quiet = {
+        "status_query_after_seconds": 3600,
+        "simulator_prompt_timeout_seconds": 3600,
+        "reconciler_enabled": False,
+    }
+    async with server_factory(**quiet) as server:
+        await arm(server, {"callback": {"mode": "drop"}})
+        _, ref = await start_checkout(server, "254711000200")
+        path = server.callback_path((await push_for(server, ref))["callback_url"])
+        # Stored, not applied: the test applies both copies itself, at once.
+        monkeypatch.setattr(inbox_module, "MAX_APPLY_BACKLOG", 0)
+        for _ in range(2):
+            assert (await server.client.post(path, json=callback_body(ref, 1032))).status_code == 200
+        first, second = [row.id for row in await inbox_rows(server, ref)]
+
+        record_payment_change = outbox.record_payment_change
+        calls = 0
+
+        async def fails_the_first_time(*args: Any, **kwargs: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise Refused("the first copy fails after its change was written")
+            await record_payment_change(*args, **kwargs)
+
+        monkeypatch.setattr(outbox, "record_payment_change", fails_the_first_time)
+        inbox = server.services.inbox
+        transactions = inbox.applies.transactions
+        statuses = await asyncio.gather(inbox.apply(first), inbox.apply(second))
+
+        assert calls == 2
+        if not ON_POSTGRES:
+            assert inbox.applies.transactions == transactions + 1  # both in one transaction
+        assert list(statuses) == [CallbackStatus.RECEIVED, CallbackStatus.APPLIED]  # the first: to retry
+        assert (await payment_row(server, ref)).state is PaymentState.CANCELLED
+        async with server.services.db.read() as session:
+            transitions = (
+                await session.scalars(
+                    select(PaymentEvent.to_state).where(
+                        PaymentEvent.payment_id == (await payment_row(server, ref)).id,
+                        PaymentEvent.kind == EventKind.TRANSITION,
+                    )
+                )
+            ).all()
+        assert transitions.count(PaymentState.CANCELLED) == 1

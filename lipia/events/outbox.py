@@ -12,6 +12,7 @@ instance, so delivery does not wait for their next poll.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -23,6 +24,7 @@ from lipia.models import (
     LIVE_STATES,
     EventType,
     Order,
+    OrderOrigin,
     Payment,
     PaymentState,
     WebhookEvent,
@@ -52,9 +54,12 @@ async def record_payment_change(
         await _record(session, event_type, payment)
 
 
-async def record_order_paid(session: AsyncSession, payment: Payment) -> None:
-    """``order.paid``: ``payment`` has just marked its order paid (in ``session``)."""
-    await _record(session, EventType.ORDER_PAID, payment)
+async def record_order_paid(
+    session: AsyncSession, payment: Payment, *, origin: OrderOrigin, paid_at: datetime
+) -> None:
+    """``order.paid``: ``payment`` has just marked its order paid (in ``session``), at
+    ``paid_at``; the caller has the order's ``origin`` from that write, so it is not read again."""
+    await _record(session, EventType.ORDER_PAID, payment, (origin, paid_at))
 
 
 async def record_payment_updated(session: AsyncSession, payment: Payment) -> None:
@@ -63,11 +68,19 @@ async def record_payment_updated(session: AsyncSession, payment: Payment) -> Non
     await _record(session, EventType.PAYMENT_UPDATED, payment)
 
 
-async def _record(session: AsyncSession, event_type: EventType, payment: Payment) -> None:
-    await session.flush()
-    origin, paid_at = (
-        await session.execute(select(Order.origin, Order.paid_at).where(Order.id == payment.order_id))
-    ).one()
+async def _record(
+    session: AsyncSession,
+    event_type: EventType,
+    payment: Payment,
+    order: tuple[OrderOrigin, datetime | None] | None = None,
+) -> None:
+    """``order``: the order's origin and paid_at when the caller has just written them."""
+    if order is None:
+        row = (
+            await session.execute(select(Order.origin, Order.paid_at).where(Order.id == payment.order_id))
+        ).one()
+        order = (row.origin, row.paid_at)
+    origin, paid_at = order
     created_at = utcnow()
     event_id = new_event_id()
     environment: Any = session.info.get(SESSION_ENVIRONMENT)

@@ -370,14 +370,29 @@ class CallbackInboxService:
         entry = await session.get(CallbackInbox, inbox_id, with_for_update=True)
         if entry is None or entry.status is not CallbackStatus.RECEIVED:
             return _Applied(entry.status if entry else CallbackStatus.INVALID)
-        entry.processed_at = utcnow()
+        processed_at = utcnow()
+        applied = await self._decide(session, entry, context)
+        # Written last, with the status the decision set: one UPDATE of the row, at the flush.
+        entry.processed_at = processed_at
+        return applied
+
+    async def _decide(
+        self, session: AsyncSession, entry: CallbackInbox, context: contextlib.ExitStack
+    ) -> _Applied:
+        """What the stored callback ``entry`` means, applied: its status set, the payment's
+        change written, and the confirming query it calls for."""
+        inbox_id = entry.id
         try:
             parsed = parse_callback_bytes(entry.raw_body)
         except InvalidCallback as exc:  # stored before this parser's rules: refuse it now
             entry.status, entry.note = CallbackStatus.INVALID, exc.detail[:400]
             return _Applied(entry.status)
         found, problem = await self._match(session, entry, parsed)
-        payment = await lock_for_settlement(session, found.id) if found is not None else None
+        payment = (
+            await lock_for_settlement(session, found.id, read_in_this_transaction=found)
+            if found is not None
+            else None
+        )
         if payment is None:
             entry.status = CallbackStatus.ORPHAN if problem is None else CallbackStatus.REJECTED
             entry.note = problem or "no payment with this CheckoutRequestID"
@@ -391,7 +406,6 @@ class CallbackInboxService:
                 },
             )
             return _Applied(entry.status)
-        entry.payment_id = payment.id
         context.enter_context(
             payment_context(payment.id, payment.checkout_request_id or parsed.checkout_request_id)
         )
@@ -405,7 +419,7 @@ class CallbackInboxService:
         )
         if entry.path is CallbackPath.BARE:
             # Anyone can POST to the bare path: it is only a hint that we should ask Daraja.
-            entry.status = CallbackStatus.HINT
+            entry.status, entry.payment_id = CallbackStatus.HINT, payment.id
             wanted = payment.state in LIVE_STATES or payment.state is PaymentState.EXPIRED
             logger.info(
                 "bare-path callback taken as a hint only",
@@ -427,6 +441,7 @@ class CallbackInboxService:
         evidence = evidence_from_callback(parsed, source=Source.CALLBACK)
         reason = confirmation.reason_to_hold(self.policy, payment, evidence)
         if reason is not None:
+            entry.payment_id = payment.id
             first = confirmation.hold(session, payment, entry, reason)
             if not first:
                 return _Applied(entry.status)
@@ -435,15 +450,19 @@ class CallbackInboxService:
         await apply_evidence(session, payment, evidence)
         changed = (payment.state, payment.mpesa_receipt_number) != before
         entry.status = CallbackStatus.APPLIED if changed else CallbackStatus.DUPLICATE
+        entry.payment_id = payment.id
         return _Applied(entry.status, waited_seconds=_waited(entry, payment) if changed else None)
 
     async def _match(
         self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback
     ) -> tuple[Payment | None, str | None]:
-        """The payment this callback is about, or (None, why not)."""
+        """The payment this callback is about, or (None, why not), read afresh from this
+        transaction (an earlier callback of a shared transaction may have changed it)."""
         if entry.token_hash is not None:
             payment = await session.scalar(
-                select(Payment).where(Payment.callback_token_hash == entry.token_hash)
+                select(Payment)
+                .where(Payment.callback_token_hash == entry.token_hash)
+                .execution_options(populate_existing=True)
             )
             if payment is None:
                 return None, "callback token matches no payment"
@@ -451,7 +470,9 @@ class CallbackInboxService:
                 return None, "CheckoutRequestID does not belong to the payment this token was issued for"
             return payment, None
         payment = await session.scalar(
-            select(Payment).where(Payment.checkout_request_id == parsed.checkout_request_id)
+            select(Payment)
+            .where(Payment.checkout_request_id == parsed.checkout_request_id)
+            .execution_options(populate_existing=True)
         )
         return payment, None
 

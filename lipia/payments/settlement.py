@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from lipia.daraja.callbacks import ParsedCallback
 from lipia.errors import InvalidPhone
@@ -169,9 +170,25 @@ async def release_held_evidence(session: AsyncSession, payment_id: str, note: st
     )
 
 
-async def lock_for_settlement(session: AsyncSession, payment_id: str) -> Payment | None:
-    """Lock the payment's order, then the payment, and return the payment as now committed."""
-    order_id = await session.scalar(select(Payment.order_id).where(Payment.id == payment_id))
+async def lock_for_settlement(
+    session: AsyncSession, payment_id: str, *, read_in_this_transaction: Payment | None = None
+) -> Payment | None:
+    """Lock the payment's order, then the payment, and return the payment as now committed.
+
+    ``read_in_this_transaction``: the payment, already read in this write transaction with
+    ``populate_existing``. On SQLite it is returned as it is: the write transaction has held the
+    file since ``BEGIN IMMEDIATE``, so nobody can have changed the row since, and ``FOR UPDATE``
+    means nothing there. PostgreSQL takes the locks and reads the row again under them, but
+    skips looking up the order it already knows.
+    """
+    known = read_in_this_transaction
+    if known is not None and session.get_bind().dialect.name == "sqlite":
+        return known
+    order_id = (
+        known.order_id
+        if known is not None
+        else await session.scalar(select(Payment.order_id).where(Payment.id == payment_id))
+    )
     if order_id is None:
         return None
     await session.execute(select(Order.id).where(Order.id == order_id).with_for_update())
@@ -207,10 +224,14 @@ async def transition(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    if settled:
+    # Held evidence exists only while confirmation_requested_at is set (confirmation.hold sets
+    # it with the first held row; whoever clears it closes the rows first).
+    if settled and payment.confirmation_requested_at is not None:
         await release_held_evidence(session, payment.id, f"settled with the payment: {new_state.value}")
     await notify.status_changed(session, payment.id)
-    await session.refresh(payment)
+    # The row is now what it was plus ``changes``, under the caller's lock: no need to read it.
+    for key, value in changes.items():
+        set_committed_value(payment, key, value)
     record_event(
         session,
         payment,
@@ -282,14 +303,15 @@ async def _receipt_taken(session: AsyncSession, payment: Payment, receipt: str |
 async def _mark_order_paid(session: AsyncSession, payment: Payment) -> bool:
     """Mark the order paid by this payment; False if another payment already paid it."""
     now = utcnow()
-    result = await session.execute(
+    origin = await session.scalar(
         update(Order)
         .where(Order.id == payment.order_id, Order.status == OrderStatus.AWAITING_PAYMENT)
         .values(status=OrderStatus.PAID, paid_payment_id=payment.id, paid_at=now)
+        .returning(Order.origin)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount == 1:  # type: ignore[attr-defined]
-        await outbox.record_order_paid(session, payment)
+    if origin is not None:
+        await outbox.record_order_paid(session, payment, origin=origin, paid_at=now)
         return True
     paid_by = await session.scalar(select(Order.paid_payment_id).where(Order.id == payment.order_id))
     return paid_by == payment.id
