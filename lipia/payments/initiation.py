@@ -11,13 +11,15 @@ import hashlib
 import logging
 import secrets
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import raiseload
 
 from lipia.config.defaults import ExternalOrders
 from lipia.db import serialize
@@ -55,10 +57,17 @@ def new_account_reference() -> str:
     return "LP" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(10))
 
 
-async def _live_payment(session: AsyncSession, order_id: str) -> Payment | None:
-    return await session.scalar(
-        select(Payment).where(Payment.order_id == order_id, Payment.state.in_(LIVE_STATES))
-    )
+async def _payments_holding(session: AsyncSession, order_id: str) -> Sequence[Payment]:
+    """The order's payments that keep a new push out, in one read: its live one, and those a
+    person or a confirming query must resolve first (``confirmation.blocks_new_push``)."""
+    return (
+        await session.scalars(
+            select(Payment).where(
+                Payment.order_id == order_id,
+                or_(Payment.state.in_(LIVE_STATES), confirmation.blocks_new_push()),
+            )
+        )
+    ).all()
 
 
 async def _payment_for_key(session: AsyncSession, new: NewPayment) -> Payment | None:
@@ -166,7 +175,8 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
     # Locked first, as every settling transaction does (settlement.lock_for_settlement): a
     # callback putting this order's payment into confirmation or review cannot slip in between
     # the checks below and the insert.
-    order = await session.get(Order, order_id, with_for_update=True)
+    # (Its lines are not needed here: not read, and refused if anything reads them.)
+    order = await session.get(Order, order_id, with_for_update=True, options=[raiseload(Order.lines)])
     if order is None:
         if new.external_orders is not ExternalOrders.open:
             raise order_not_found(order_id, new.external_orders)
@@ -183,7 +193,8 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
         raise OrderAlreadyPaid(f"Order {order_id} is already paid.")
     if amount != order.total:
         raise AmountMismatch(amount_mismatch_message(order, amount))
-    live = await _live_payment(session, order_id)
+    holding = await _payments_holding(session, order_id)
+    live = next((payment for payment in holding if payment.is_live), None)
     if live is not None:
         if live.phone != msisdn:
             raise PaymentInFlight(
@@ -191,10 +202,7 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
                 "wait for it to finish before paying from another number."
             )
         return live, False
-    held = await session.scalar(
-        select(Payment.id).where(Payment.order_id == order_id, confirmation.blocks_new_push()).limit(1)
-    )
-    if held is not None:
+    if holding:  # none of them live: held for review or for a confirming query
         raise PaymentUnderReview(
             f"A payment for order {order_id} is being checked (its M-Pesa confirmation or a review by "
             "staff is pending); do not pay again. Its status will update on its own."

@@ -175,15 +175,15 @@ async def lock_for_settlement(
 ) -> Payment | None:
     """Lock the payment's order, then the payment, and return the payment as now committed.
 
-    ``read_in_this_transaction``: the payment, already read in this write transaction with
-    ``populate_existing``. On SQLite it is returned as it is: the write transaction has held the
-    file since ``BEGIN IMMEDIATE``, so nobody can have changed the row since, and ``FOR UPDATE``
-    means nothing there. PostgreSQL takes the locks and reads the row again under them, but
-    skips looking up the order it already knows.
+    On SQLite there are no row locks to take: the write transaction has held the whole file
+    since ``BEGIN IMMEDIATE`` (and ``FOR UPDATE`` means nothing there), so only the row is read,
+    and not even that when the caller passes ``read_in_this_transaction``: the payment it has
+    already read in this write transaction with ``populate_existing``. PostgreSQL takes the
+    locks and reads the row again under them (skipping the order's lookup when it has the row).
     """
     known = read_in_this_transaction
-    if known is not None and session.get_bind().dialect.name == "sqlite":
-        return known
+    if session.get_bind().dialect.name == "sqlite":
+        return known or await session.get(Payment, payment_id, populate_existing=True)
     order_id = (
         known.order_id
         if known is not None
