@@ -40,7 +40,9 @@ from tests.test_live_status import HELD, deliver
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 # Slow enough that the waiting screen can be seen before the customer answers.
-SEEN_WAITING = {"simulator_callback_delay_seconds": 1.0}
+# Long enough for the waiting screen to be seen on a loaded machine, where the page may get the
+# initiate's answer a second or more after the push (1.0 s was missed once in CI).
+SEEN_WAITING = {"simulator_callback_delay_seconds": 3.0}
 PAGES = Path(__file__).parent / "fixtures" / "frontend"
 TIMEOUT_MS = 30_000
 
@@ -282,17 +284,23 @@ async def test_a_reload_before_the_initiate_answered_sends_the_same_key_again(
 ) -> None:
     """The page died between saving the attempt and the initiate's answer: the reload sends the
     initiate again with the same Idempotency-Key, and lipia answers the first attempt."""
-    async with chromium() as browser, server_factory(**SEEN_WAITING) as server:
+    # The customer's answer is held back (callback dropped, delivered by the test), so the
+    # page is still waiting when the test reads and rewrites its saved attempt.
+    async with chromium() as browser, server_factory(**HELD) as server:
+        await server.sim.post("/simulator/faults", json={"callback": {"mode": "drop"}})
         async with checkout_page(browser, server) as page:
             await add(page, "chai")
             await pay(page, SUCCESS_PHONE)
             await page.wait_for_selector("#waiting-screen:not([hidden])")
             attempt = await saved_attempt(page)
+            checkout_id = attempt["checkoutId"]
             attempt["checkoutId"] = None  # as if the answer never arrived
             await page.evaluate(
                 "(attempt) => { sessionStorage['lipia-checkout-attempt'] = attempt; }", json.dumps(attempt)
             )
             await page.reload()
+            await until(lambda: _customer_done(server, checkout_id))
+            await deliver(server, {"order_id": attempt["orderId"], "total": attempt["total"]}, checkout_id)
             shown = await outcome(page)
             assert shown["outcome"] == "success"
             assert len(await payments_of(server, attempt["orderId"])) == 1
