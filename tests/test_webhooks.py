@@ -562,6 +562,12 @@ async def test_the_feed_pages_filters_and_replays(server_factory: ServerFactory)
             "/api/admin/events/replay", json={"since": "2026-01-01T00:00:00"}, headers=headers
         )
         assert naive.status_code == 422
+        # A number is not a time here (the schema says a date-time string), though a lax reading
+        # would take it for seconds since 1970. Schemathesis found `until` taking one.
+        for body in ({"since": 0}, {"since": "2026-01-01T00:00:00Z", "until": 19918}):
+            numeric = await server.client.post("/api/admin/events/replay", json=body, headers=headers)
+            assert numeric.status_code == 422, (body, numeric.text)
+            assert numeric.headers["content-type"].startswith("application/json")
     copies = receiver.by_id()[event["id"]]
     assert len({d.body for d in copies}) == 1
     assert all(d.verified_with for d in copies)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
 
 from lipia.daraja.fields import ID_PATTERN
 from lipia.errors import error_responses
@@ -85,9 +85,22 @@ class ReplayAnswer(BaseModel):
     )
 
 
+def _written_as_text(value: object) -> object:
+    """JSON has no time type: a time in a body is the ISO 8601 string the schema documents.
+    Pydantic alone would also read a number, as seconds since 1970: a client's mistake taken
+    for a time."""
+    if not isinstance(value, str):
+        raise ValueError("a date-time string with its zone, such as 2026-12-07T09:30:00Z")
+    return value
+
+
+# A time in a request body: an ISO 8601 string with its zone, and nothing else.
+BodyTime = Annotated[AwareDatetime, BeforeValidator(_written_as_text)]
+
+
 class ReplaySince(BaseModel):
-    since: AwareDatetime = Field(description="Events created at or after this time (with its zone).")
-    until: AwareDatetime | None = Field(default=None, description="...and before this time.")
+    since: BodyTime = Field(description="Events created at or after this time (with its zone).")
+    until: BodyTime | None = Field(default=None, description="...and before this time.")
     type: EventType | None = None
     endpoint_id: str | None = Field(
         default=None, max_length=40, pattern=_ID, description="Only to this endpoint."
