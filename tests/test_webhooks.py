@@ -229,6 +229,10 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled_and_the_admi
 
         # Fixed and re-enabled: what waited is delivered, what failed is replayed.
         failing = False
+        guessed = await server.client.patch(
+            "/api/admin/webhook-endpoints/we_env", json={"enabled": "true"}, headers=admin_headers(server)
+        )
+        assert guessed.status_code == 422, guessed.text  # a boolean, as the schema says
         answer = await server.client.patch(
             "/api/admin/webhook-endpoints/we_env", json={"enabled": True}, headers=admin_headers(server)
         )
@@ -280,6 +284,12 @@ async def test_an_admin_endpoint_with_its_own_secret_filter_and_rotation(
             await server.wait_final(checkout_id)
             await received(receiver, "order.paid")
 
+            as_text = await server.client.post(
+                f"/api/admin/webhook-endpoints/{endpoint['id']}/rotate-secret",
+                json={"overlap_seconds": "3600"},
+                headers=admin_headers(server),
+            )
+            assert as_text.status_code == 422, as_text.text  # an integer, as the schema says
             rotated = await server.client.post(
                 f"/api/admin/webhook-endpoints/{endpoint['id']}/rotate-secret",
                 json={"overlap_seconds": 3600},

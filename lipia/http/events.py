@@ -166,14 +166,20 @@ class EndpointChange(BaseModel):
     url: str | None = Field(default=None, max_length=2048)
     description: str | None = Field(default=None, max_length=200)
     event_types: list[EventType] | None = Field(default=None, max_length=20)
+    # strict, like every number and flag in a body: the schema says boolean, so "true" or 1 is
+    # refused rather than guessed at.
     enabled: bool | None = Field(
-        default=None, description="false pauses it; true resumes it, with a fresh window."
+        default=None, strict=True, description="false pauses it; true resumes it, with a fresh window."
     )
 
 
 class Rotation(BaseModel):
     overlap_seconds: int = Field(
-        default=24 * 3600, ge=0, le=MAX_OVERLAP_SECONDS, description="How long the old secret still signs."
+        default=24 * 3600,
+        ge=0,
+        le=MAX_OVERLAP_SECONDS,
+        strict=True,
+        description="How long the old secret still signs.",
     )
     secret: str | None = Field(default=None, max_length=100, description="A `whsec_` secret of your own.")
 
