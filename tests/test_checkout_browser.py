@@ -39,9 +39,9 @@ from tests.test_live_status import HELD, deliver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-# Slow enough that the waiting screen can be seen before the customer answers.
-# Long enough for the waiting screen to be seen on a loaded machine, where the page may get the
-# initiate's answer a second or more after the push (1.0 s was missed once in CI).
+# Slow enough that the waiting screen can be seen before the customer answers, on a loaded
+# machine too, where the page may get the initiate's answer a second or more after the push
+# (1.0 s was missed once in CI).
 SEEN_WAITING = {"simulator_callback_delay_seconds": 3.0}
 PAGES = Path(__file__).parent / "fixtures" / "frontend"
 TIMEOUT_MS = 30_000

@@ -166,8 +166,8 @@ class EndpointChange(BaseModel):
     url: str | None = Field(default=None, max_length=2048)
     description: str | None = Field(default=None, max_length=200)
     event_types: list[EventType] | None = Field(default=None, max_length=20)
-    # strict, like every number and flag in a body: the schema says boolean, so "true" or 1 is
-    # refused rather than guessed at.
+    # strict, like an order's quantities and an external order's amount: the schema says
+    # boolean, so "true" or 1 is refused rather than guessed at.
     enabled: bool | None = Field(
         default=None, strict=True, description="false pauses it; true resumes it, with a fresh window."
     )
