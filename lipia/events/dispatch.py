@@ -43,14 +43,16 @@ async def dispatch(db: Database, now: datetime, *, batch: int = BATCH) -> int:
                 )
             )
         ).all()
+        # One statement for the batch (an UPDATE by primary key, sent as an executemany).
+        await session.execute(
+            update(WebhookEvent),
+            [
+                {"seq": seq, "position": last + offset, "dispatched_at": now}
+                for offset, (seq, _event_id, _event_type) in enumerate(events, start=1)
+            ],
+        )
         deliveries = []
-        for offset, (seq, event_id, event_type) in enumerate(events, start=1):
-            await session.execute(
-                update(WebhookEvent)
-                .where(WebhookEvent.seq == seq)
-                .values(position=last + offset, dispatched_at=now)
-                .execution_options(synchronize_session=False)
-            )
+        for _seq, event_id, event_type in events:
             for endpoint_id, event_types in endpoints:
                 if not event_types or event_type.value in event_types:
                     deliveries.append(
