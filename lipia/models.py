@@ -23,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -78,6 +79,14 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's table, for a Core statement built once and run with plain parameters (rows
+    written in bulk or on a hot path, where the unit of work would cost more than the INSERT)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def enum_column(enum: type[StrEnum]) -> SAEnum:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lipia.db import SESSION_ENVIRONMENT
@@ -28,6 +28,7 @@ from lipia.models import (
     Payment,
     PaymentState,
     WebhookEvent,
+    table_of,
     utcnow,
 )
 
@@ -68,6 +69,9 @@ async def record_payment_updated(session: AsyncSession, payment: Payment) -> Non
     await _record(session, EventType.PAYMENT_UPDATED, payment)
 
 
+_ADD_TO_OUTBOX = insert(table_of(WebhookEvent))
+
+
 async def _record(
     session: AsyncSession,
     event_type: EventType,
@@ -85,13 +89,16 @@ async def _record(
     event_id = new_event_id()
     environment: Any = session.info.get(SESSION_ENVIRONMENT)
     data = payment_data(payment, origin, paid_at)
-    session.add(
-        WebhookEvent(
-            id=event_id,
-            type=event_type,
-            created_at=created_at,
-            payment_id=payment.id,
-            order_id=payment.order_id,
-            body=event_body(event_id, event_type, created_at, environment, data),
-        )
+    # A Core INSERT, like the payment's timeline (settlement.record_event): the outbox row is
+    # only ever read back by the dispatcher, after the commit.
+    await session.execute(
+        _ADD_TO_OUTBOX,
+        {
+            "id": event_id,
+            "type": event_type,
+            "created_at": created_at,
+            "payment_id": payment.id,
+            "order_id": payment.order_id,
+            "body": event_body(event_id, event_type, created_at, environment, data),
+        },
     )

@@ -79,7 +79,7 @@ def reason_to_hold(policy: ConfirmationPolicy, payment: Payment, evidence: Evide
     return None
 
 
-def hold(session: AsyncSession, payment: Payment, entry: CallbackInbox, reason: str) -> bool:
+async def hold(session: AsyncSession, payment: Payment, entry: CallbackInbox, reason: str) -> bool:
     """Keep ``entry`` as evidence awaiting confirmation. True if no confirming query is under way
     yet, so the caller should make one now (duplicates share the first one's query)."""
     now = utcnow()
@@ -89,7 +89,7 @@ def hold(session: AsyncSession, payment: Payment, entry: CallbackInbox, reason: 
     if first:
         payment.confirmation_requested_at = now
         payment.next_query_at = now
-        record_event(
+        await record_event(
             session,
             payment,
             kind=EventKind.CONFIRMATION_REQUESTED,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, insert, null, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -40,6 +40,7 @@ from lipia.models import (
     Payment,
     PaymentState,
     Source,
+    table_of,
     utcnow,
 )
 from lipia.payments import confirmation
@@ -222,22 +223,23 @@ class CallbackInboxService:
                     CallbackInbox.checkout_request_id == checkout_request_id,
                     CallbackInbox.path == CallbackPath.BARE,
                 )
+        # Both answers in one statement: this runs for every body posted, before anything else.
         payment_id: str | None = None
         stored = 0
-        async with self.db.read() as session:
-            if token is not None:
-                payment_id = await session.scalar(
-                    select(Payment.id).where(Payment.callback_token_hash == token_hash)
-                )
-            if where is not None:
-                stored = int(
-                    await session.scalar(
-                        select(func.count()).select_from(
-                            select(CallbackInbox.id).where(where).limit(limit).subquery()
-                        )
-                    )
-                    or 0
-                )
+        if where is not None:
+            named = (
+                select(Payment.id).where(Payment.callback_token_hash == token_hash).scalar_subquery()
+                if token is not None
+                else null()
+            )
+            counted = (
+                select(func.count())
+                .select_from(select(CallbackInbox.id).where(where).limit(limit).subquery())
+                .scalar_subquery()
+            )
+            async with self.db.read() as session:
+                payment_id, counted_rows = (await session.execute(select(named, counted))).one()
+            stored = int(counted_rows or 0)
         crowded = None
         if stored >= limit:
             crowded = f"This payment has already received {limit} callbacks; no more are stored."
@@ -410,7 +412,7 @@ class CallbackInboxService:
             payment_context(payment.id, payment.checkout_request_id or parsed.checkout_request_id)
         )
         source = Source.BARE_CALLBACK if entry.path is CallbackPath.BARE else Source.TOKEN_CALLBACK
-        record_event(
+        await record_event(
             session,
             payment,
             kind=EventKind.CALLBACK,
@@ -442,7 +444,7 @@ class CallbackInboxService:
         reason = confirmation.reason_to_hold(self.policy, payment, evidence)
         if reason is not None:
             entry.payment_id = payment.id
-            first = confirmation.hold(session, payment, entry, reason)
+            first = await confirmation.hold(session, payment, entry, reason)
             if not first:
                 return _Applied(entry.status)
             return _Applied(entry.status, (payment.id, False), _waited(entry, payment))
@@ -519,21 +521,25 @@ class _NewRow:
     payment_id: str | None  # the payment its token names, when already known
 
 
+_STORE = insert(table_of(CallbackInbox)).returning(table_of(CallbackInbox).c.id)
+
+
 async def _insert(session: AsyncSession, row: _NewRow) -> tuple[int, str | None]:
-    entry = CallbackInbox(**row.values)
-    session.add(entry)
-    await session.flush()
-    return entry.id, row.payment_id or await _payment_named(session, entry)
+    # A Core INSERT … RETURNING id, no object in the session: the row is applied later, by id,
+    # in another transaction.
+    inbox_id: int = (await session.execute(_STORE, row.values)).scalar_one()
+    return inbox_id, row.payment_id or await _payment_named(session, row.values)
 
 
-async def _payment_named(session: AsyncSession, entry: CallbackInbox) -> str | None:
+async def _payment_named(session: AsyncSession, values: dict[str, Any]) -> str | None:
     """The payment a stored callback names (by its token, or its CheckoutRequestID), for the log."""
-    if entry.token_hash is None and entry.checkout_request_id is None:
+    token_hash, checkout_request_id = values["token_hash"], values["checkout_request_id"]
+    if token_hash is None and checkout_request_id is None:
         return None
     conditions = []
-    if entry.token_hash is not None:
-        conditions.append(Payment.callback_token_hash == entry.token_hash)
-    if entry.checkout_request_id is not None:
-        conditions.append(Payment.checkout_request_id == entry.checkout_request_id)
+    if token_hash is not None:
+        conditions.append(Payment.callback_token_hash == token_hash)
+    if checkout_request_id is not None:
+        conditions.append(Payment.checkout_request_id == checkout_request_id)
     found: str | None = await session.scalar(select(Payment.id).where(or_(*conditions)).limit(1))
     return found

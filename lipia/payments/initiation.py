@@ -230,7 +230,7 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
     )
     session.add(payment)
     await session.flush()
-    record_event(
+    await record_event(
         session,
         payment,
         kind=EventKind.CREATED,

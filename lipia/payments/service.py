@@ -223,7 +223,7 @@ class PaymentService:
                 payment.checkout_request_id = payment.checkout_request_id or accepted.checkout_request_id
                 payment.merchant_request_id = payment.merchant_request_id or accepted.merchant_request_id
                 payment.pushed_at = payment.pushed_at or pushed_at
-                record_event(
+                await record_event(
                     session, payment, kind=EventKind.PUSH_ACCEPTED, source=Source.INITIATE, detail=detail
                 )
                 if learnt_checkout_id and not payment.is_live:
@@ -257,7 +257,7 @@ class PaymentService:
                     session, payment, state, source=Source.INITIATE, values=values, detail=detail
                 )
             else:
-                record_event(
+                await record_event(
                     session, payment, kind=EventKind.PUSH_ERROR, source=Source.INITIATE, detail=detail
                 )
             logger.warning(
@@ -396,7 +396,7 @@ class PaymentService:
             }
             if asked_by is not None:
                 detail["asked_by"] = asked_by  # which reconciler instance: leases make it one per round
-            record_event(session, payment, kind=EventKind.QUERY, source=source, detail=detail)
+            await record_event(session, payment, kind=EventKind.QUERY, source=source, detail=detail)
             if result.state == "final" and result.result_code is not None:
                 await confirmation.settle_query_answer(
                     session,
