@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lipia.db import SESSION_ENVIRONMENT
@@ -69,7 +69,11 @@ async def record_payment_updated(session: AsyncSession, payment: Payment) -> Non
     await _record(session, EventType.PAYMENT_UPDATED, payment)
 
 
+# Built once: they run for every change of every payment.
 _ADD_TO_OUTBOX = insert(table_of(WebhookEvent))
+_ORDER_FOR_EVENT = select(table_of(Order).c.origin, table_of(Order).c.paid_at).where(
+    table_of(Order).c.id == bindparam("order_id")
+)
 
 
 async def _record(
@@ -80,9 +84,8 @@ async def _record(
 ) -> None:
     """``order``: the order's origin and paid_at when the caller has just written them."""
     if order is None:
-        row = (
-            await session.execute(select(Order.origin, Order.paid_at).where(Order.id == payment.order_id))
-        ).one()
+        await session.flush()  # as an ORM read would: the order as this transaction has it
+        row = (await session.execute(_ORDER_FOR_EVENT, {"order_id": payment.order_id})).one()
         order = (row.origin, row.paid_at)
     origin, paid_at = order
     created_at = utcnow()

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Histogram
-from sqlalchemy import and_, func, insert, null, or_, select
+from sqlalchemy import Integer, Select, and_, bindparam, func, insert, null, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from lipia.daraja.callbacks import ParsedCallback, parse_callback_bytes
 from lipia.db import Database
@@ -119,6 +120,34 @@ class _Applied:
 QueryRunner = Callable[[str, bool], Awaitable[object]]
 
 
+_inbox, _payments = table_of(CallbackInbox), table_of(Payment)
+
+
+def _stored_with(condition: ColumnElement[bool]) -> ScalarSelect[int]:
+    """How many rows are stored with ``condition``, counted up to ``:limit`` only."""
+    stored = select(_inbox.c.id).where(condition).limit(bindparam("limit", type_=Integer)).subquery()
+    return select(func.count()).select_from(stored).scalar_subquery()
+
+
+# A token-path body: the payment the token is the secret of, and the rows stored on that token.
+_ADMIT_ON_TOKEN = select(
+    select(_payments.c.id)
+    .where(_payments.c.callback_token_hash == bindparam("token_hash"))
+    .scalar_subquery(),
+    _stored_with(_inbox.c.token_hash == bindparam("token_hash")),
+)
+# A bare-path body: no payment is taken from it; the bare-path rows naming its CheckoutRequestID.
+_ADMIT_ON_BARE_PATH = select(
+    null(),
+    _stored_with(
+        and_(
+            _inbox.c.checkout_request_id == bindparam("checkout_request_id"),
+            _inbox.c.path == CallbackPath.BARE,
+        )
+    ),
+)
+
+
 class CallbackInboxService:
     """Stores and applies callbacks; ``query`` makes the STK Query a callback calls for."""
 
@@ -209,36 +238,23 @@ class CallbackInboxService:
         Token-path bodies count per token; bare-path ones per CheckoutRequestID they name. A
         real payment gets one callback, sometimes two, so the cap only ever stops a flood.
         """
-        where: ColumnElement[bool] | None = None
+        # Both answers in one statement, built once: this runs for every body posted.
+        statement: Select[Any, int] | None = None
+        parameters: dict[str, Any] = {"limit": limit}
         if token is not None:
-            token_hash = hash_token(token)
-            where = CallbackInbox.token_hash == token_hash
+            statement, parameters["token_hash"] = _ADMIT_ON_TOKEN, hash_token(token)
         else:
             try:
                 checkout_request_id = parse_callback_bytes(raw).checkout_request_id
             except InvalidCallback:
                 checkout_request_id = None  # stored as invalid, within the per-address budget
             if checkout_request_id is not None:
-                where = and_(
-                    CallbackInbox.checkout_request_id == checkout_request_id,
-                    CallbackInbox.path == CallbackPath.BARE,
-                )
-        # Both answers in one statement: this runs for every body posted, before anything else.
+                statement, parameters["checkout_request_id"] = _ADMIT_ON_BARE_PATH, checkout_request_id
         payment_id: str | None = None
         stored = 0
-        if where is not None:
-            named = (
-                select(Payment.id).where(Payment.callback_token_hash == token_hash).scalar_subquery()
-                if token is not None
-                else null()
-            )
-            counted = (
-                select(func.count())
-                .select_from(select(CallbackInbox.id).where(where).limit(limit).subquery())
-                .scalar_subquery()
-            )
+        if statement is not None:
             async with self.db.read() as session:
-                payment_id, counted_rows = (await session.execute(select(named, counted))).one()
+                payment_id, counted_rows = (await session.execute(statement, parameters)).one()
             stored = int(counted_rows or 0)
         crowded = None
         if stored >= limit:
@@ -521,7 +537,7 @@ class _NewRow:
     payment_id: str | None  # the payment its token names, when already known
 
 
-_STORE = insert(table_of(CallbackInbox)).returning(table_of(CallbackInbox).c.id)
+_STORE = insert(_inbox).returning(_inbox.c.id)
 
 
 async def _insert(session: AsyncSession, row: _NewRow) -> tuple[int, str | None]:

@@ -13,13 +13,14 @@ import secrets
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Integer, Select, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import raiseload
+from sqlalchemy.sql.elements import ColumnElement
 
 from lipia.config.defaults import ExternalOrders
 from lipia.db import serialize
@@ -31,7 +32,17 @@ from lipia.errors import (
     PaymentUnderReview,
     TooManyRequests,
 )
-from lipia.models import LIVE_STATES, EventKind, Order, OrderStatus, Payment, PaymentState, Source, utcnow
+from lipia.models import (
+    LIVE_STATES,
+    EventKind,
+    Order,
+    OrderStatus,
+    Payment,
+    PaymentState,
+    Source,
+    table_of,
+    utcnow,
+)
 from lipia.observability.limits import limit_hit
 from lipia.payments import confirmation
 from lipia.payments.settlement import record_event
@@ -50,6 +61,30 @@ def hash_token(token: str) -> str:
 
 def new_payment_id() -> str:
     return "pay_" + secrets.token_hex(8)
+
+
+_payments = table_of(Payment)
+
+
+def _limit_th_push(subject: ColumnElement[bool]) -> Select[datetime]:
+    """When the ``:skip + 1``-th newest push to ``subject`` since ``:since`` was made, if any."""
+    return (
+        select(_payments.c.created_at)
+        .where(subject, _payments.c.created_at >= bindparam("since", type_=_payments.c.created_at.type))
+        .order_by(_payments.c.created_at.desc())
+        .offset(bindparam("skip", type_=Integer))
+        .limit(1)
+    )
+
+
+# Every initiate runs these; built once (building one costs about what running it does).
+_LIMIT_TH_PUSH_TO_PHONE = _limit_th_push(_payments.c.phone == bindparam("subject"))
+_LIMIT_TH_PUSH_FROM_ADDRESS = _limit_th_push(_payments.c.client_ip == bindparam("subject"))
+_LIVE_PAYMENT_OF_PHONE = select(_payments.c.order_id).where(
+    _payments.c.phone == bindparam("phone"), _payments.c.state.in_(LIVE_STATES)
+)
+# The order's lines are not needed to open a payment: not read, and refused if anything reads them.
+_WITHOUT_LINES = [raiseload(Order.lines)]
 
 
 def new_account_reference() -> str:
@@ -109,25 +144,22 @@ async def _check_push_limits(
     checks = [
         (
             "LIPIA_PUSH_LIMIT_PER_PHONE",
-            Payment.phone == msisdn,
+            _LIMIT_TH_PUSH_TO_PHONE,
+            msisdn,
             limits.per_phone,
             f"phone {mask_phone(msisdn)}",
         )
     ]
     if client_ip:
         checks.append(
-            ("LIPIA_PUSH_LIMIT_PER_IP", Payment.client_ip == client_ip, limits.per_ip, "your address")
+            ("LIPIA_PUSH_LIMIT_PER_IP", _LIMIT_TH_PUSH_FROM_ADDRESS, client_ip, limits.per_ip, "your address")
         )
-    for setting, condition, limit, subject in checks:
+    for setting, statement, value, limit, subject in checks:
         # The limit-th newest payment in the window, if there is one: the push would be one too
         # many, and the window frees a place when that payment leaves it. One row read through
         # the (subject, created_at) index, whatever the limit.
         oldest_counted = await session.scalar(
-            select(Payment.created_at)
-            .where(condition, Payment.created_at >= since)
-            .order_by(Payment.created_at.desc())
-            .offset(limit - 1)
-            .limit(1)
+            statement, {"subject": value, "since": since, "skip": limit - 1}
         )
         if oldest_counted is not None:
             retry_after = (oldest_counted + limits.window - utcnow()).total_seconds()
@@ -175,8 +207,7 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
     # Locked first, as every settling transaction does (settlement.lock_for_settlement): a
     # callback putting this order's payment into confirmation or review cannot slip in between
     # the checks below and the insert.
-    # (Its lines are not needed here: not read, and refused if anything reads them.)
-    order = await session.get(Order, order_id, with_for_update=True, options=[raiseload(Order.lines)])
+    order = await session.get(Order, order_id, with_for_update=True, options=_WITHOUT_LINES)
     if order is None:
         if new.external_orders is not ExternalOrders.open:
             raise order_not_found(order_id, new.external_orders)
@@ -207,9 +238,7 @@ async def open_payment(session: AsyncSession, new: NewPayment, limits: PushLimit
             f"A payment for order {order_id} is being checked (its M-Pesa confirmation or a review by "
             "staff is pending); do not pay again. Its status will update on its own."
         )
-    busy_phone = await session.scalar(
-        select(Payment.order_id).where(Payment.phone == msisdn, Payment.state.in_(LIVE_STATES))
-    )
+    busy_phone = await session.scalar(_LIVE_PAYMENT_OF_PHONE, {"phone": msisdn})
     if busy_phone is not None:
         raise PaymentInFlight(
             f"{mask_phone(msisdn)} already has an M-Pesa prompt waiting for another order; "

@@ -317,30 +317,46 @@ def _phone_matches(payment: Payment, evidence: Evidence) -> bool:
     return payer_msisdn(evidence) == payment.phone
 
 
+_payments, _orders = table_of(Payment), table_of(Order)
+# The statements every applied success runs, built once (building one costs about what running
+# it does). Core statements do not flush the session first as ORM ones do: the callers flush.
+_RECEIPT_HOLDER = select(_payments.c.id).where(
+    _payments.c.mpesa_receipt_number == bindparam("receipt"), _payments.c.id != bindparam("payment_id")
+)
+_MARK_ORDER_PAID = (
+    update(_orders)
+    .where(_orders.c.id == bindparam("order_id"), _orders.c.status == OrderStatus.AWAITING_PAYMENT)
+    .values(
+        status=OrderStatus.PAID,
+        paid_payment_id=bindparam("payment_id", type_=_orders.c.paid_payment_id.type),
+        paid_at=bindparam("paid_at", type_=_orders.c.paid_at.type),
+    )
+    .returning(_orders.c.origin)
+)
+_ORDER_PAID_BY = select(_orders.c.paid_payment_id).where(_orders.c.id == bindparam("order_id"))
+
+
 async def _receipt_taken(session: AsyncSession, payment: Payment, receipt: str | None) -> bool:
     if receipt is None:
         return False
-    other = await session.scalar(
-        select(Payment.id).where(Payment.mpesa_receipt_number == receipt, Payment.id != payment.id)
-    )
+    # A receipt an earlier callback of this transaction set on its payment object counts too.
+    await session.flush()
+    other = await session.scalar(_RECEIPT_HOLDER, {"receipt": receipt, "payment_id": payment.id})
     return other is not None
 
 
 async def _mark_order_paid(session: AsyncSession, payment: Payment) -> bool:
     """Mark the order paid by this payment; False if another payment already paid it."""
     now = utcnow()
+    await session.flush()
     origin = await session.scalar(
-        update(Order)
-        .where(Order.id == payment.order_id, Order.status == OrderStatus.AWAITING_PAYMENT)
-        .values(status=OrderStatus.PAID, paid_payment_id=payment.id, paid_at=now)
-        .returning(Order.origin)
-        .execution_options(synchronize_session=False)
+        _MARK_ORDER_PAID, {"order_id": payment.order_id, "payment_id": payment.id, "paid_at": now}
     )
     if origin is not None:
         await outbox.record_order_paid(session, payment, origin=origin, paid_at=now)
         return True
-    paid_by = await session.scalar(select(Order.paid_payment_id).where(Order.id == payment.order_id))
-    return paid_by == payment.id
+    paid_by = await session.scalar(_ORDER_PAID_BY, {"order_id": payment.order_id})
+    return bool(paid_by == payment.id)
 
 
 async def send_to_review(session: AsyncSession, payment: Payment, evidence: Evidence, reason: str) -> bool:
