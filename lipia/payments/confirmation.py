@@ -79,12 +79,12 @@ def reason_to_hold(policy: ConfirmationPolicy, payment: Payment, evidence: Evide
     return None
 
 
-async def hold(session: AsyncSession, payment: Payment, entry: CallbackInbox, reason: str) -> bool:
-    """Keep ``entry`` as evidence awaiting confirmation. True if no confirming query is under way
-    yet, so the caller should make one now (duplicates share the first one's query)."""
+async def hold(session: AsyncSession, payment: Payment, inbox_id: int, reason: str) -> bool:
+    """Hold the stored callback ``inbox_id`` as evidence for ``payment`` awaiting confirmation
+    (the caller writes the row's status, ``AWAITING_CONFIRMATION``, and ``reason`` as its note).
+    True if no confirming query is under way yet, so the caller should make one now (duplicates
+    share the first one's query)."""
     now = utcnow()
-    entry.status = CallbackStatus.AWAITING_CONFIRMATION
-    entry.note = reason
     first = payment.confirmation_requested_at is None
     if first:
         payment.confirmation_requested_at = now
@@ -94,7 +94,7 @@ async def hold(session: AsyncSession, payment: Payment, entry: CallbackInbox, re
             payment,
             kind=EventKind.CONFIRMATION_REQUESTED,
             source=Source.TOKEN_CALLBACK,
-            detail={"inbox_id": entry.id, "reason": reason},
+            detail={"inbox_id": inbox_id, "reason": reason},
         )
     return first
 

@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Histogram
-from sqlalchemy import Integer, Select, and_, bindparam, func, insert, null, or_, select
+from sqlalchemy import Integer, Select, and_, bindparam, func, insert, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
@@ -113,6 +114,22 @@ class _Applied:
     query_for: tuple[str, bool] | None = None
     # Push to this callback, when it is the one that told lipia the outcome (for the histogram).
     waited_seconds: float | None = None
+
+
+@dataclass
+class _StoredRow:
+    """A stored callback as its apply reads it, and the decision it writes back (``status``,
+    ``note``, ``payment_id``): plain values, not an object the session tracks, since an apply
+    reads the row once and writes it once."""
+
+    id: int
+    path: CallbackPath
+    token_hash: str | None
+    raw_body: bytes
+    received_at: datetime | None
+    status: CallbackStatus
+    note: str | None
+    payment_id: str | None
 
 
 # Runs the STK Query that confirms held evidence or answers a hint: (payment id, then True when
@@ -385,17 +402,27 @@ class CallbackInboxService:
     ) -> _Applied:
         # Locked on PostgreSQL so two instances never apply the same row (SQLite's write
         # transaction already serialises them).
-        entry = await session.get(CallbackInbox, inbox_id, with_for_update=True)
-        if entry is None or entry.status is not CallbackStatus.RECEIVED:
-            return _Applied(entry.status if entry else CallbackStatus.INVALID)
+        found = (await session.execute(_STORED_ROW, {"inbox_id": inbox_id})).one_or_none()
+        if found is None or found.status is not CallbackStatus.RECEIVED:
+            return _Applied(found.status if found else CallbackStatus.INVALID)
+        entry = _StoredRow(**found._asdict())
         processed_at = utcnow()
         applied = await self._decide(session, entry, context)
-        # Written last, with the status the decision set: one UPDATE of the row, at the flush.
-        entry.processed_at = processed_at
+        # Written last, with what the decision set: one UPDATE of the row.
+        await session.execute(
+            _ROW_DECIDED,
+            {
+                "inbox_id": inbox_id,
+                "status": entry.status,
+                "note": entry.note,
+                "payment_id": entry.payment_id,
+                "processed_at": processed_at,
+            },
+        )
         return applied
 
     async def _decide(
-        self, session: AsyncSession, entry: CallbackInbox, context: contextlib.ExitStack
+        self, session: AsyncSession, entry: _StoredRow, context: contextlib.ExitStack
     ) -> _Applied:
         """What the stored callback ``entry`` means, applied: its status set, the payment's
         change written, and the confirming query it calls for."""
@@ -459,8 +486,12 @@ class CallbackInboxService:
         evidence = evidence_from_callback(parsed, source=Source.CALLBACK)
         reason = confirmation.reason_to_hold(self.policy, payment, evidence)
         if reason is not None:
-            entry.payment_id = payment.id
-            first = await confirmation.hold(session, payment, entry, reason)
+            entry.status, entry.note, entry.payment_id = (
+                CallbackStatus.AWAITING_CONFIRMATION,
+                reason,
+                payment.id,
+            )
+            first = await confirmation.hold(session, payment, inbox_id, reason)
             if not first:
                 return _Applied(entry.status)
             return _Applied(entry.status, (payment.id, False), _waited(entry, payment))
@@ -472,7 +503,7 @@ class CallbackInboxService:
         return _Applied(entry.status, waited_seconds=_waited(entry, payment) if changed else None)
 
     async def _match(
-        self, session: AsyncSession, entry: CallbackInbox, parsed: ParsedCallback
+        self, session: AsyncSession, entry: _StoredRow, parsed: ParsedCallback
     ) -> tuple[Payment | None, str | None]:
         """The payment this callback is about, or (None, why not), read afresh from this
         transaction (an earlier callback of a shared transaction may have changed it)."""
@@ -522,7 +553,7 @@ class CallbackInboxService:
         return applied
 
 
-def _waited(entry: CallbackInbox, payment: Payment) -> float | None:
+def _waited(entry: _StoredRow, payment: Payment) -> float | None:
     """Push to callback, for the callback that told lipia something (not a copy of it)."""
     if payment.pushed_at is None:
         return None
@@ -538,6 +569,21 @@ class _NewRow:
 
 
 _STORE = insert(_inbox).returning(_inbox.c.id)
+_STORED_ROW = (
+    select(*(_inbox.c[field.name] for field in fields(_StoredRow)))
+    .where(_inbox.c.id == bindparam("inbox_id"))
+    .with_for_update()
+)
+_ROW_DECIDED = (
+    update(_inbox)
+    .where(_inbox.c.id == bindparam("inbox_id"))
+    .values(
+        {
+            name: bindparam(name, type_=_inbox.c[name].type)
+            for name in ("status", "note", "payment_id", "processed_at")
+        }
+    )
+)
 
 
 async def _insert(session: AsyncSession, row: _NewRow) -> tuple[int, str | None]:
