@@ -78,6 +78,32 @@ async def test_a_failing_item_is_rolled_back_alone(server: RunningServer) -> Non
     assert group.transactions < 10  # together, not one each
 
 
+async def test_without_savepoints_a_failing_item_sends_every_item_round_alone(server: RunningServer) -> None:
+    """The inbox's stores share transactions without a savepoint each: one failing item makes
+    the shared transaction fail, and every item is done again alone; the others still commit,
+    once each."""
+    db = server.services.db
+    await probe_table(db)
+    attempts: dict[int, int] = {}
+
+    async def work(session: AsyncSession, key: int) -> int:
+        attempts[key] = attempts.get(key, 0) + 1
+        await session.execute(text("INSERT INTO probe (k) VALUES (:k)"), {"k": key})
+        if key == 3:
+            raise Refused("item 3 refuses after writing")
+        return key * 10
+
+    group: GroupCommit[int, int] = GroupCommit(db, work, savepoints=False)
+    outcomes = await asyncio.gather(*(group.run(key) for key in range(10)), return_exceptions=True)
+
+    assert [o for o in outcomes if not isinstance(o, BaseException)] == [k * 10 for k in range(10) if k != 3]
+    assert isinstance(outcomes[3], Refused)
+    assert await probe_keys(db) == [k for k in range(10) if k != 3]
+    assert group.items == 9
+    # Item 3 was in a shared transaction, which failed and was done again item by item.
+    assert attempts[3] == 2
+
+
 async def test_a_transaction_that_fails_whole_is_done_again_item_by_item(server: RunningServer) -> None:
     db = server.services.db
     await probe_table(db)

@@ -185,8 +185,9 @@ class CallbackInboxService:
         self.applies: GroupCommit[int, _Applied] = GroupCommit(
             db, lambda session, inbox_id: self._apply_stored(session, inbox_id), postgres_max_batch=1
         )
-        # Stores bodies that arrive together in one transaction.
-        self.stores = GroupCommit(db, _insert)
+        # Stores bodies that arrive together in one transaction. A store is one INSERT (and,
+        # for a body whose token named no payment, a read): no savepoint is needed around it.
+        self.stores = GroupCommit(db, _insert, savepoints=False)
         self._applying: set[asyncio.Task[CallbackStatus]] = set()
 
     async def store(
