@@ -64,7 +64,9 @@ class Services:
             )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # A coroutine: FastAPI runs a plain function dependency in a worker thread, a thread hop on
+    # every request for an attribute read.
     services: Services = request.app.state.services
     return services
 
