@@ -83,6 +83,10 @@ _LIMIT_TH_PUSH_FROM_ADDRESS = _limit_th_push(_payments.c.client_ip == bindparam(
 _LIVE_PAYMENT_OF_PHONE = select(_payments.c.order_id).where(
     _payments.c.phone == bindparam("phone"), _payments.c.state.in_(LIVE_STATES)
 )
+_PAYMENTS_HOLDING_ORDER = select(Payment).where(
+    Payment.order_id == bindparam("order_id"),
+    or_(Payment.state.in_(LIVE_STATES), confirmation.blocks_new_push()),
+)
 # The order's lines are not needed to open a payment: not read, and refused if anything reads them.
 _WITHOUT_LINES = [raiseload(Order.lines)]
 
@@ -95,14 +99,7 @@ def new_account_reference() -> str:
 async def _payments_holding(session: AsyncSession, order_id: str) -> Sequence[Payment]:
     """The order's payments that keep a new push out, in one read: its live one, and those a
     person or a confirming query must resolve first (``confirmation.blocks_new_push``)."""
-    return (
-        await session.scalars(
-            select(Payment).where(
-                Payment.order_id == order_id,
-                or_(Payment.state.in_(LIVE_STATES), confirmation.blocks_new_push()),
-            )
-        )
-    ).all()
+    return (await session.scalars(_PAYMENTS_HOLDING_ORDER, {"order_id": order_id})).all()
 
 
 async def _payment_for_key(session: AsyncSession, new: NewPayment) -> Payment | None:
