@@ -110,6 +110,14 @@ def _brief(comparison: dict[str, Any]) -> str:
     )
 
 
+def _kinds(figures: dict[str, Any]) -> str:
+    """What the errors were, as "(HTTP 503: 12, TimeoutError: 3)"; nothing when there were none."""
+    kinds = figures.get("errors_by_kind") or {}
+    if not kinds:
+        return ""
+    return " (" + ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items())) + ")"
+
+
 def report(results: list[dict[str, Any]]) -> str:
     lines = ["| | " + " | ".join(r["database"] for r in results) + " |", "| --- |" + " --- |" * len(results)]
 
@@ -135,7 +143,7 @@ def report(results: list[dict[str, Any]]) -> str:
         row(
             f"customers polling every 3 s: {label}",
             lambda r, key=key: (
-                f"{r[key]['customers']}: {r[key]['errors']} errors, "
+                f"{r[key]['customers']}: {r[key]['errors']} errors{_kinds(r[key])}, "
                 f"p50 {r[key]['p50_ms']} ms, p99 {r[key]['p99_ms']} ms"
             ),
         )

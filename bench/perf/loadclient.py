@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +31,19 @@ class Answer:
 class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0  # connections that failed, and answers outside 2xx
+    # What the errors were: "HTTP 503", or the exception a connection failed with.
+    error_kinds: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
     ended: float = 0.0
 
     def add(self, answer: Answer) -> None:
         self.latencies.append(answer.seconds)
         if not 200 <= answer.status < 300:
-            self.errors += 1
+            self.error(f"HTTP {answer.status}")
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] += 1
 
     def percentile_ms(self, share: float) -> float:
         if not self.latencies:
@@ -113,8 +120,8 @@ async def run_requests(
             for index in next_index:
                 try:
                     answer = await connection.send(requests[index])
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    tally.errors += 1
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    tally.error(type(exc).__name__)
                     await connection.close()
                     continue
                 tally.add(answer)
@@ -143,8 +150,8 @@ async def poll_every(host: str, port: int, paths: Sequence[str], *, interval: fl
                 started = time.perf_counter()
                 try:
                     tally.add(await connection.send(request))
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    tally.errors += 1
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    tally.error(type(exc).__name__)
                     await connection.close()
                 await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
         finally:

@@ -150,6 +150,7 @@ async def callback_ingest(
         "ack_p50_ms": round(tally.percentile_ms(0.50), 2),
         "ack_p99_ms": round(tally.percentile_ms(0.99), 2),
         "errors": tally.errors,
+        "errors_by_kind": dict(tally.error_kinds),
     }
 
 
@@ -184,6 +185,7 @@ async def initiate_throughput(lipia: Server, *, count: int, first: int, concurre
         "p50_ms": round(tally.percentile_ms(0.50), 2),
         "p99_ms": round(tally.percentile_ms(0.99), 2),
         "errors": tally.errors,
+        "errors_by_kind": dict(tally.error_kinds),
     }
 
 
@@ -208,4 +210,5 @@ async def waiting_customers(
         "p50_ms": round(tally.percentile_ms(0.50), 2),
         "p99_ms": round(tally.percentile_ms(0.99), 2),
         "errors": tally.errors,
+        "errors_by_kind": dict(tally.error_kinds),
     }
