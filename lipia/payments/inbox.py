@@ -509,20 +509,14 @@ class CallbackInboxService:
         """The payment this callback is about, or (None, why not), read afresh from this
         transaction (an earlier callback of a shared transaction may have changed it)."""
         if entry.token_hash is not None:
-            payment = await session.scalar(
-                select(Payment)
-                .where(Payment.callback_token_hash == entry.token_hash)
-                .execution_options(populate_existing=True)
-            )
+            payment = await session.scalar(_PAYMENT_OF_TOKEN, {"token_hash": entry.token_hash})
             if payment is None:
                 return None, "callback token matches no payment"
             if payment.checkout_request_id not in (None, parsed.checkout_request_id):
                 return None, "CheckoutRequestID does not belong to the payment this token was issued for"
             return payment, None
         payment = await session.scalar(
-            select(Payment)
-            .where(Payment.checkout_request_id == parsed.checkout_request_id)
-            .execution_options(populate_existing=True)
+            _PAYMENT_OF_CHECKOUT_REQUEST_ID, {"checkout_request_id": parsed.checkout_request_id}
         )
         return payment, None
 
@@ -570,6 +564,17 @@ class _NewRow:
 
 
 _STORE = insert(_inbox).returning(_inbox.c.id)
+# The payment a stored callback names, read afresh (populate_existing) into the session.
+_PAYMENT_OF_TOKEN = (
+    select(Payment)
+    .where(Payment.callback_token_hash == bindparam("token_hash"))
+    .execution_options(populate_existing=True)
+)
+_PAYMENT_OF_CHECKOUT_REQUEST_ID = (
+    select(Payment)
+    .where(Payment.checkout_request_id == bindparam("checkout_request_id"))
+    .execution_options(populate_existing=True)
+)
 _STORED_ROW = (
     select(*(_inbox.c[field.name] for field in fields(_StoredRow)))
     .where(_inbox.c.id == bindparam("inbox_id"))
