@@ -122,17 +122,7 @@ def _secrets(settings: Settings) -> list[str]:
 # proxy_headers off: lipia reads X-Forwarded-For itself, only from LIPIA_TRUSTED_PROXIES.
 # log_config=None: uvicorn's loggers keep the handler configure_logging set up (JSON lines,
 # redaction), so not even an unhandled error's traceback is written as plain text.
-# backlog: connections the kernel holds for lipia until it accepts them (uvicorn's default is
-# 2048; Linux caps it at net.core.somaxconn). A crowd arriving at once (10,000 customers opening
-# their status polls within 3 s) overflowed 2048 while the loop was busy answering, and the
-# kernel then drops the connection's first packets: the customer waits for seconds of
-# retransmissions, or gives up.
-SERVER_OPTIONS: dict[str, Any] = {
-    "log_level": "warning",
-    "log_config": None,
-    "proxy_headers": False,
-    "backlog": 65535,
-}
+SERVER_OPTIONS: dict[str, Any] = {"log_level": "warning", "log_config": None, "proxy_headers": False}
 
 
 @cli.command()
