@@ -43,9 +43,12 @@ def mask_checkout_id(checkout_request_id: str | None) -> str | None:
 
 # A CheckoutRequestID (ws_CO_ + timestamp + the payer's 9-digit number), wherever it appears;
 # or a Kenyan mobile number in the spellings Daraja and people use (2547…, +2547…, 07…, 7…, and
-# the 01…/2541… range), standing alone: not part of a longer run of digits.
+# the 01…/2541… range), standing alone: not part of a longer run of digits, nor of a word of
+# letters and digits (a payment id is pay_ and 16 hex digits, and "pay_f5c6f6e159599209" holds
+# "159599209": masked, the log line no longer named its payment).
 _PERSONAL = re.compile(
-    r"(?P<checkout>ws_CO_[A-Za-z0-9_]*?[0-9]{9,}(?![0-9*]))|(?P<phone>(?<![0-9])(?:\+?254|0)?[17][0-9]{8}(?![0-9]))"
+    r"(?P<checkout>ws_CO_[A-Za-z0-9_]*?[0-9]{9,}(?![0-9*]))"
+    r"|(?P<phone>(?<![0-9A-Za-z])(?:\+?254|0)?[17][0-9]{8}(?![0-9A-Za-z]))"
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lipia.logs import configure_logging
+from lipia.redact import scrub_personal_data
 from tests.support.daraja import callback_body
 from tests.support.phones import (
     CANCELLED_PHONE,
@@ -40,7 +41,9 @@ SECRETS = {
 }
 # Full Kenyan mobile numbers in any written form; digits around them mean it is part of something
 # else (a CheckoutRequestID carries the national number, a TransactionDate is 14 digits).
-FULL_PHONE = re.compile(r"(?<![0-9])(?:\+?254|0)[17][0-9]{8}(?![0-9])")
+# Standing alone, as lipia.redact reads a phone number: not inside a run of digits, nor a word of
+# letters and digits (an id).
+FULL_PHONE = re.compile(r"(?<![0-9A-Za-z])(?:\+?254|0)[17][0-9]{8}(?![0-9A-Za-z])")
 
 
 @pytest.fixture
@@ -194,6 +197,23 @@ def test_the_scan_finds_what_it_looks_for() -> None:
     assert FULL_PHONE.findall('"ws_CO_26112026120000123708374149" "20261126120000"') == []
     password = base64.b64encode(("174379" + SECRETS["passkey"] + "20261126120000").encode()).decode()
     assert stk_password_prefix("174379", SECRETS["passkey"]) in password
+
+
+@pytest.mark.parametrize(
+    ("text", "logged"),
+    [
+        ("phone=254712345678", "phone=2547****678"),
+        ("call 0712345678 now", "call 0712****678 now"),
+        ('"PhoneNumber": 254708374149}', '"PhoneNumber": 2547****149}'),
+        ("+254110000001", "+254****001"),
+        # Ids keep their digits: a payment id is pay_ and 16 hex digits, and these hold runs that
+        # read as a number on their own (159599209, 0712345678).
+        ("payment_id=pay_f5c6f6e159599209", "payment_id=pay_f5c6f6e159599209"),
+        ("pay_ab0712345678cdef", "pay_ab0712345678cdef"),
+    ],
+)
+def test_phone_numbers_are_masked_and_ids_are_not(text: str, logged: str) -> None:
+    assert scrub_personal_data(text) == logged
 
 
 def test_redaction_filter_catches_a_secret_that_slips_through() -> None:
